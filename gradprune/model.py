@@ -1,0 +1,61 @@
+"""The LLaMA-architecture decoder and which of its weights are prunable."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradprune.config import ModelParams
+
+
+def build_llama(cfg: ModelParams, vocab_size: int, context: int, eos_token_id: int,
+                seed: int):
+    """A freshly initialised `LlamaForCausalLM` (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, max_position_embeddings=context,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no Hugging Face model here (config.json missing); "
+                                "run the stage that makes it")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def prunable_linears(model: nn.Module, include: tuple[str, ...],
+                     exclude: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """Linear modules whose names match an include pattern and no exclude pattern, by name.
+
+    Names are module names (`model.layers.0.mlp.up_proj`); the weight is `<name>.weight`.
+    """
+    chosen = {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(fnmatch.fnmatchcase(name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+    if not chosen:
+        raise ValueError(f"gradients.include {list(include)} / exclude {list(exclude)} select no "
+                         "Linear module; module names look like 'model.layers.0.mlp.up_proj'")
+    return dict(sorted(chosen.items()))
+
+
+def bf16_enabled(setting: str) -> bool:
+    """"auto" turns bf16 autocast on where the CPU has native bf16 (AVX-512 or AMX)."""
+    if setting == "auto":
+        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+    return setting == "on"

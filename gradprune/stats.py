@@ -1,0 +1,100 @@
+"""Per-weight gradient statistics and per-input-channel activation norms on calibration data.
+
+One backward pass per calibration block. For every prunable weight W the accumulators hold
+sum g, sum |g| and sum g^2 over blocks (fp32, whatever the compute dtype), and for every
+prunable Linear the sum of squared inputs per input channel over all tokens. Memory is the
+model, its gradients and these accumulators: nothing grows with the number of blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STAT_NAMES = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_norm")
+
+
+def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
+                           bf16: bool) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """Statistics per Linear name, and the mean calibration loss.
+
+    grad_mean is E[g] over blocks, which is the gradient of the mean calibration loss because
+    every block has the same number of predicted tokens. act_norm is the L2 norm of each input
+    channel over all calibration tokens (Wanda's ||X_j||).
+    """
+    if len(blocks) == 0:
+        raise ValueError("no calibration blocks")
+    model.eval()  # no dropout; gradients still flow
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in linears.values():
+        layer.weight.requires_grad_(True)
+    sums = {name: {k: torch.zeros_like(layer.weight, dtype=torch.float32)
+                   for k in ("grad_mean", "grad_abs_mean", "grad_sq_mean")}
+            for name, layer in linears.items()}
+    act_sq = {name: torch.zeros(layer.in_features, dtype=torch.float32)
+              for name, layer in linears.items()}
+
+    def recorder(name):
+        def hook(module, inputs):
+            x = inputs[0].detach().float()
+            act_sq[name] += x.reshape(-1, x.shape[-1]).square().sum(dim=0)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in linears.items()]
+    total_loss = 0.0
+    try:
+        for block in blocks:
+            batch = block.unsqueeze(0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"calibration loss is {loss.item()}; the model is broken")
+            loss.backward()
+            total_loss += loss.item()
+            for name, layer in linears.items():
+                g = layer.weight.grad.float()
+                acc = sums[name]
+                acc["grad_mean"] += g
+                acc["grad_abs_mean"] += g.abs()
+                acc["grad_sq_mean"] += g.square()
+                layer.weight.grad = None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n = len(blocks)
+    stats = {}
+    for name in linears:
+        stats[name] = {k: v / n for k, v in sums[name].items()}
+        stats[name]["act_norm"] = act_sq[name].sqrt()
+    return stats, total_loss / n
+
+
+def save_stats(path: str | Path, stats: dict[str, dict[str, torch.Tensor]],
+               metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{name}.{k}": v.contiguous() for name, per in stats.items() for k, v in per.items()}
+    save_file(flat, str(path), metadata=metadata)
+
+
+def load_stats(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: gradient statistics missing; run the gradients stage")
+    try:
+        flat = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: corrupt statistics ({err}); rerun the gradients stage") from None
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        name, stat = key.rsplit(".", 1)
+        stats.setdefault(name, {})[stat] = value
+    return dict(sorted(stats.items()))

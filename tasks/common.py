@@ -1,0 +1,204 @@
+"""What every stage shares: params, paths, the stage entry point, and MLflow tracking.
+
+A stage module defines `run(params, stage) -> metrics` and ends with
+`stage_main("<name>", run)`. stage_main validates params.yaml before any compute, opens a nested
+MLflow run under the pipeline execution's parent run, and writes the stage's metrics file
+(metrics/<name>.json, a DVC metric) atomically once the stage's outputs are in place.
+
+One pipeline execution = one MLflow parent run. The flow passes its parent run id in
+GRADPRUNE_PARENT_RUN_ID; under a plain `dvc repro` the stages find the parent run by a tag
+holding the identity of the `dvc` process that launched them, so every stage of one
+`dvc repro` lands under one parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from gradprune.config import ParamError, Params, load_params, section_dict
+from gradprune.data import CorpusError
+from gradprune.io import remove_stale_temporaries, write_json
+
+DATA = Path("data")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+PARENT_ENV = "GRADPRUNE_PARENT_RUN_ID"
+EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)
+
+
+def stage_params_keys(stage: str, dvc_file: Path = Path("dvc.yaml")) -> list[str]:
+    """The params keys dvc.yaml declares for `stage`: what this stage's nested run records."""
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    return [k for entry in stages[stage].get("params", []) for k in
+            (entry if isinstance(entry, dict) else [entry])]
+
+
+def _dvc_ancestor() -> str | None:
+    """'pid-starttime' of the nearest `dvc` process above this one, if any (Linux /proc)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()
+        if any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:2]):
+            return f"dvc-{pid}-{fields[19]}"
+        pid = int(fields[1])
+    return None
+
+
+class Stage:
+    """A running stage's handle on tracking: metrics, artifacts, plots, models."""
+
+    def __init__(self, name: str, params: Params):
+        self.name = name
+        self.params = params
+        self.run_id: str | None = None
+        self._mlflow = None
+
+    def write_plot(self, name: str, rows: list[dict]) -> Path:
+        path = PLOTS / f"{name}.json"
+        write_json(path, rows)
+        self.log_artifact(path, "plots")
+        return path
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        self._mlflow.log_artifacts(str(folder), artifact_path)
+
+    def register_model(self, folder: Path, artifact_path: str = "model") -> int:
+        """Log a Hugging Face model folder and register it as a new version of the
+        configured registered model; returns the version number."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.log_artifacts(folder, artifact_path)
+        client = MlflowClient()
+        name = self.params.mlflow.registered_model
+        try:
+            client.create_registered_model(name, description=(
+                "Pruned, fine-tuned and averaged model from the gradprune pipeline "
+                "(Hugging Face format: load with AutoModelForCausalLM.from_pretrained)."))
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+        run = client.get_run(self.run_id)
+        version = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id)
+        return int(version.version)
+
+
+def _tracking_uri(params: Params) -> str:
+    return (params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+
+
+def _parent_run(mlflow, params: Params, experiment_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    client = MlflowClient()
+    key = _dvc_ancestor()
+    if key:
+        found = client.search_runs([experiment_id],
+                                   filter_string=f"tags.`gradprune.execution` = '{key}'",
+                                   max_results=1)
+        if found:
+            return found[0].info.run_id
+    key = key or f"standalone-{os.getpid()}-{time.time_ns()}"
+    launcher = "dvc" if key.startswith("dvc-") else "standalone"
+    parent = client.create_run(experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                               tags={"gradprune.execution": key, "gradprune.launcher": launcher})
+    flat = {k: v for section in ("seed", "data", "model", "train", "gradients", "masks",
+                                 "finetune", "average", "evaluate")
+            for k, v in section_dict(params, section).items()}
+    for k, v in flat.items():
+        client.log_param(parent.info.run_id, k, v)
+    return parent.info.run_id
+
+
+def quiet_progress_bars() -> None:
+    """Progress bars only on a terminal: logs of dvc repro and CI stay readable."""
+    if not sys.stderr.isatty():
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+
+def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    args = parser.parse_args()
+    try:
+        params = load_params(args.params)
+    except (ParamError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+    quiet_progress_bars()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    for folder in (DATA, METRICS, PLOTS):
+        remove_stale_temporaries(folder)
+    remove_stale_temporaries(DATA / name)
+    mlflow.set_tracking_uri(_tracking_uri(params))
+    experiment = mlflow.set_experiment(params.mlflow.experiment)
+    parent_id = _parent_run(mlflow, params, experiment.experiment_id)
+    stage = Stage(name, params)
+    stage._mlflow = mlflow
+    started = time.perf_counter()
+    with mlflow.start_run(run_name=name, parent_run_id=parent_id,
+                          experiment_id=experiment.experiment_id,
+                          tags={"gradprune.stage": name}) as active:
+        stage.run_id = active.info.run_id
+        flat = {}
+        for key in stage_params_keys(name):
+            flat.update(section_dict(params, key))
+        mlflow.log_params(flat)
+        try:
+            metrics = run(params, stage)
+        except EXPECTED_ERRORS as err:
+            MlflowClient().set_terminated(parent_id, "FAILED")
+            mlflow.end_run("FAILED")
+            if os.environ.get("GRADPRUNE_TRACEBACK"):
+                traceback.print_exc()
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except BaseException:
+            MlflowClient().set_terminated(parent_id, "FAILED")
+            raise
+        metrics["seconds"] = round(time.perf_counter() - started, 2)
+        metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        path = METRICS / f"{name}.json"
+        write_json(path, metrics)
+        mlflow.log_metrics({k: float(v) for k, v in _flatten(metrics).items()})
+        mlflow.log_artifact(str(path), "metrics")
+    MlflowClient().set_terminated(parent_id, "FINISHED")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+            out[key] = v
+    return out

@@ -1,0 +1,55 @@
+"""gradients: E[g], E|g|, E[g^2] per prunable weight and input-channel activation norms."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gradprune.config import Params
+from gradprune.data import read_blocks
+from gradprune.io import atomic_dir
+from gradprune.model import bf16_enabled, load_model, prunable_linears
+from gradprune.stats import collect_gradient_stats, save_stats
+from tasks.common import DATA, Stage, stage_main
+
+OUT = DATA / "gradients"
+
+
+def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of training blocks: calibration never sees validation or test text."""
+    if count > len(train_blocks):
+        raise ValueError(f"gradients.calibration_blocks={count} exceeds the {len(train_blocks)} "
+                         "training blocks; lower it or use a larger corpus")
+    pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
+    return train_blocks[pick[:count].sort().values]
+
+
+def run(params: Params, stage: Stage) -> dict:
+    cfg = params.gradients
+    model = load_model(DATA / "train" / "model")
+    linears = prunable_linears(model, cfg.include, cfg.exclude)
+    blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
+                                cfg.calibration_blocks, params.seed)
+    bf16 = bf16_enabled(cfg.bf16)
+
+    started = time.perf_counter()
+    stats, loss = collect_gradient_stats(model, linears, blocks, bf16)
+    seconds = time.perf_counter() - started
+
+    with atomic_dir(OUT) as out:
+        save_stats(out / "stats.safetensors", stats,
+                   {"calibration_blocks": str(len(blocks)), "block_size": str(blocks.shape[1])})
+    return {
+        "calibration_blocks": len(blocks),
+        "calibration_tokens": int(blocks.numel()),
+        "calibration_loss": loss,
+        "prunable_modules": len(linears),
+        "prunable_weights": sum(m.weight.numel() for m in linears.values()),
+        "tokens_per_second": round(blocks.numel() / seconds, 1),
+        "bf16": bf16,
+    }
+
+
+if __name__ == "__main__":
+    stage_main("gradients", run)

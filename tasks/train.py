@@ -1,0 +1,55 @@
+"""train: a dense LLaMA-architecture model from scratch on the prepared blocks."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from gradprune.config import Params
+from gradprune.data import load_tokenizer, read_blocks
+from gradprune.evaluation import parameter_counts, unigram_perplexity
+from gradprune.io import atomic_dir
+from gradprune.model import bf16_enabled, build_llama
+from gradprune.training import train_lm
+from tasks.common import DATA, Stage, stage_main
+
+OUT = DATA / "train"
+PREPARED = DATA / "prepare"
+
+
+def run(params: Params, stage: Stage) -> dict:
+    cfg = params.train
+    tokenizer = load_tokenizer(PREPARED / "tokenizer")
+    train_blocks = read_blocks(PREPARED / "train.parquet")
+    val_blocks = read_blocks(PREPARED / "val.parquet")
+    model = build_llama(params.model, len(tokenizer), train_blocks.shape[1],
+                        tokenizer.eos_token_id, params.seed)
+    bf16 = bf16_enabled(cfg.bf16)
+
+    started = time.perf_counter()
+    curve = train_lm(model, train_blocks, val_blocks, cfg, params.seed, bf16)
+    seconds = time.perf_counter() - started
+
+    with atomic_dir(OUT) as out:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    stage.write_plot("train_curve", [vars(p) for p in curve])
+    stage.log_artifacts(OUT / "model", "model")
+
+    val_loss = curve[-1].val_loss
+    tokens = cfg.steps * cfg.batch_size * train_blocks.shape[1]
+    return {
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss),
+        "unigram_val_perplexity": unigram_perplexity(train_blocks, val_blocks[: cfg.eval_blocks],
+                                                     len(tokenizer)),
+        "train_tokens": tokens,
+        "epochs": round(cfg.steps * cfg.batch_size / len(train_blocks), 3),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "bf16": bf16,
+        **parameter_counts(model),
+    }
+
+
+if __name__ == "__main__":
+    stage_main("train", run)
