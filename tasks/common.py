@@ -101,34 +101,63 @@ class Stage:
         return int(version.version)
 
 
-def _tracking_uri(params: Params) -> str:
+def _tracking_uri(params: Params, root: Path) -> str:
     return (params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+            or f"sqlite:///{root.resolve() / 'mlflow.db'}")
 
 
-def _parent_run(mlflow, params: Params, experiment_id: str) -> str:
+def configure_tracking(params: Params, root: Path = Path(".")) -> str:
+    """Point MLflow at the configured store; returns the experiment id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    mlflow.set_tracking_uri(_tracking_uri(params, root))
+    return mlflow.set_experiment(params.mlflow.experiment).experiment_id
+
+
+def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
+                      overrides: dict | None = None, execution_key: str | None = None) -> str:
+    """A new parent run for one pipeline execution, holding every param and the overrides."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = configure_tracking(params, root)
+    client = MlflowClient()
+    tags = {"gradprune.launcher": launcher,
+            "gradprune.execution": execution_key or f"{launcher}-{os.getpid()}-{time.time_ns()}"}
+    if overrides:
+        tags["gradprune.overrides"] = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    parent = client.create_run(experiment_id, tags=tags,
+                               run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    flat = {k: v for section in ("seed", "data", "model", "train", "gradients", "masks",
+                                 "finetune", "average", "evaluate")
+            for k, v in section_dict(params, section).items()}
+    flat.update({f"override.{k}": v for k, v in (overrides or {}).items()})
+    for k, v in flat.items():
+        client.log_param(parent.info.run_id, k, v)
+    return parent.info.run_id
+
+
+def finish_parent_run(run_id: str, params: Params, root: Path, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    configure_tracking(params, root)
+    MlflowClient().set_terminated(run_id, status)
+
+
+def _parent_run_for_stage(params: Params, experiment_id: str) -> str:
+    """The flow's parent run, else the one of the `dvc` process above us, else a new one."""
     from mlflow.tracking import MlflowClient
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    client = MlflowClient()
     key = _dvc_ancestor()
     if key:
-        found = client.search_runs([experiment_id],
-                                   filter_string=f"tags.`gradprune.execution` = '{key}'",
-                                   max_results=1)
+        found = MlflowClient().search_runs(
+            [experiment_id], filter_string=f"tags.`gradprune.execution` = '{key}'", max_results=1)
         if found:
             return found[0].info.run_id
-    key = key or f"standalone-{os.getpid()}-{time.time_ns()}"
-    launcher = "dvc" if key.startswith("dvc-") else "standalone"
-    parent = client.create_run(experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                               tags={"gradprune.execution": key, "gradprune.launcher": launcher})
-    flat = {k: v for section in ("seed", "data", "model", "train", "gradients", "masks",
-                                 "finetune", "average", "evaluate")
-            for k, v in section_dict(params, section).items()}
-    for k, v in flat.items():
-        client.log_param(parent.info.run_id, k, v)
-    return parent.info.run_id
+    return create_parent_run(params, "dvc" if key else "standalone", execution_key=key)
 
 
 def quiet_progress_bars() -> None:
@@ -150,22 +179,18 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
         sys.exit(2)
 
     quiet_progress_bars()
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for folder in (DATA, METRICS, PLOTS):
+        remove_stale_temporaries(folder)
+    experiment_id = configure_tracking(params)
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    for folder in (DATA, METRICS, PLOTS):
-        remove_stale_temporaries(folder)
-    remove_stale_temporaries(DATA / name)
-    mlflow.set_tracking_uri(_tracking_uri(params))
-    experiment = mlflow.set_experiment(params.mlflow.experiment)
-    parent_id = _parent_run(mlflow, params, experiment.experiment_id)
+    parent_id = _parent_run_for_stage(params, experiment_id)
     stage = Stage(name, params)
     stage._mlflow = mlflow
     started = time.perf_counter()
     with mlflow.start_run(run_name=name, parent_run_id=parent_id,
-                          experiment_id=experiment.experiment_id,
+                          experiment_id=experiment_id,
                           tags={"gradprune.stage": name}) as active:
         stage.run_id = active.info.run_id
         flat = {}

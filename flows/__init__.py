@@ -1,0 +1,1 @@
+"""Orchestration: Prefect flows over the stage graph that dvc.yaml declares."""
