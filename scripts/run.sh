@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Fresh machine -> the default pipeline end to end: set up .venv, then `dvc repro`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
+dvc repro "$@"
+dvc metrics show

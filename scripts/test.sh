@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Fresh machine -> the test suite: set up .venv, then pytest (extra arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+python -m pytest -q "$@"

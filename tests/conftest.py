@@ -1,0 +1,63 @@
+"""Shared test setup: offline settings for DVC, MLflow and Prefect, and micro pipeline repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_PARAMS = ROOT / "tests" / "micro_params.yaml"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("GRADPRUNE_PARENT_RUN_ID", None)
+
+
+def run_env(tmp_home: Path) -> dict[str, str]:
+    """Environment for pipeline subprocesses: this interpreter first on PATH, a private
+    Prefect home, and no tracking URI inherited from the developer's shell."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PREFECT_HOME"] = str(tmp_home / "prefect")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def make_micro_repo(folder: Path, params: Path = MICRO_PARAMS) -> Path:
+    """A git + DVC repository holding the pipeline code and the micro params."""
+    folder.mkdir(parents=True)
+    for name in ("gradprune", "tasks", "flows"):
+        shutil.copytree(ROOT / name, folder / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copy(params, folder / "params.yaml")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=folder, check=True)
+    shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")
+    subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
+    subprocess.run(git + ["commit", "-qm", "micro pipeline"], cwd=folder, check=True)
+    return folder
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300):
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")

@@ -1,0 +1,156 @@
+"""params.yaml validation: defaults, the shipped files, and one clear error per bad value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradprune.config import (
+    MaskParams,
+    ParamError,
+    Params,
+    apply_overrides,
+    load_params,
+    params_from_dict,
+    section_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_validate():
+    params = Params()
+    params.check()
+    assert params_from_dict({}) == params
+    assert params.masks == MaskParams(criterion="gradient", tau=None, sparsity=0.5, scope="global")
+
+
+def test_repo_params_yaml_loads():
+    params = load_params(ROOT / "params.yaml")
+    assert params.seed == 1234
+    assert params.masks.sparsity == 0.5 and params.masks.tau is None
+    assert params.gradients.include == ("model.layers.*",)
+    assert params.evaluate.bf16 == "off"
+    assert isinstance(params.model.rope_theta, float)
+
+
+def test_micro_params_yaml_loads():
+    params = load_params(ROOT / "tests" / "micro_params.yaml")
+    assert params.seed == 7
+    assert params.model.hidden == 32 and params.model.heads == 4 and params.model.kv_heads == 2
+    assert params.finetune.checkpoints == 3 and params.finetune.steps == 9
+    # keys the micro file leaves out keep their defaults
+    assert params.finetune.weight_decay == 0.0
+    assert params.masks.scope == "global"
+
+
+def test_missing_params_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "p.yaml"))):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_invalid_yaml_is_param_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("masks: [unclosed\n")
+    with pytest.raises(ParamError, match="not valid YAML"):
+        load_params(path)
+
+
+def _error(raw: dict) -> ParamError:
+    with pytest.raises(ParamError) as info:
+        params_from_dict(raw)
+    return info.value
+
+
+@pytest.mark.parametrize("raw, key, allowed", [
+    ({"masks": {"sparsity": 1.0}}, "masks.sparsity", "must be in [0, 1), got 1.0"),
+    ({"masks": {"sparsity": -0.1}}, "masks.sparsity", "must be in [0, 1), got -0.1"),
+    ({"masks": {"tau": 0.1, "sparsity": 0.5}}, "masks.tau",
+     "set exactly one of masks.tau and masks.sparsity"),
+    ({"masks": {"tau": None, "sparsity": None}}, "masks.tau",
+     "set exactly one of masks.tau and masks.sparsity"),
+    ({"masks": {"tau": -1.0, "sparsity": None}}, "masks.tau", "must be >= 0"),
+    ({"masks": {"criterion": "wanda"}}, "masks.criterion",
+     "got 'wanda'; allowed: 'gradient', 'magnitude', 'taylor'"),
+    ({"masks": {"scope": "row"}}, "masks.scope", "allowed: 'global', 'per_layer'"),
+    ({"train": {"bf16": True}}, "train.bf16", "allowed: 'auto', 'on', 'off'"),
+    ({"model": {"layers": "four"}}, "model.layers", "must be an integer, got 'four'"),
+    ({"model": {"layers": True}}, "model.layers", "must be an integer, got True"),
+    ({"train": {"steps": 2.5}}, "train.steps", "must be an integer, got 2.5"),
+    ({"train": {"lr": "fast"}}, "train.lr", "must be a number, got 'fast'"),
+    ({"model": {"tie_embeddings": 1}}, "model.tie_embeddings", "must be true or false, got 1"),
+    ({"data": {"source": None}}, "data.source", "must be a string, got None"),
+    ({"gradients": {"include": "model.*"}}, "gradients.include", "must be a list"),
+    ({"gradients": {"include": ["ok", 3]}}, "gradients.include[1]", "must be a string, got 3"),
+    ({"model": {"hidden": 30, "heads": 4}}, "model.heads", "must divide model.hidden (30)"),
+    ({"model": {"heads": 8, "kv_heads": 3}}, "model.kv_heads", "must divide model.heads (8)"),
+    ({"finetune": {"steps": 5, "warmup_steps": 1, "checkpoints": 6}}, "finetune.checkpoints",
+     "must be in [1, finetune.steps=5]"),
+    ({"finetune": {"steps": 5, "warmup_steps": 6}}, "finetune.warmup_steps",
+     "must be in [0, steps=5]"),
+    ({"train": {"min_lr": 0.1}}, "train.min_lr", "must be in [0, lr=0.003]"),
+    ({"average": {"temperature": 0.0}}, "average.temperature", "must be positive"),
+    ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "data.test_fraction",
+     "val_fraction + test_fraction must be below 1"),
+    ({"masks": "dense"}, "masks", "must be a mapping"),
+])
+def test_bad_value_names_key_and_what_is_allowed(raw, key, allowed):
+    err = _error(raw)
+    assert err.key == key
+    assert str(err).startswith(f"params: {key}: ")
+    assert allowed in str(err)
+
+
+def test_unknown_key_lists_allowed_keys():
+    err = _error({"masks": {"sparsity": 0.5, "sparsty": 0.7}})
+    assert err.key == "masks.sparsty"
+    assert "unknown key; allowed keys here: criterion, tau, sparsity, scope" in str(err)
+    top = _error({"maskz": {}})
+    assert top.key == "maskz"
+    assert "allowed keys here: seed, data, model, train" in str(top)
+
+
+def test_param_error_is_value_error():
+    assert issubclass(ParamError, ValueError)
+
+
+def test_tau_alone_is_valid_and_int_becomes_float():
+    params = params_from_dict({"masks": {"tau": 0, "sparsity": None}})
+    assert params.masks.tau == 0.0 and isinstance(params.masks.tau, float)
+    assert params.masks.sparsity is None
+
+
+def test_apply_overrides_parses_yaml_values():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    out = apply_overrides(raw, ["masks.sparsity=0.7", "masks.scope=per_layer", "seed=5"])
+    assert out["masks"]["sparsity"] == 0.7 and isinstance(out["masks"]["sparsity"], float)
+    assert out["masks"]["scope"] == "per_layer"
+    assert out["seed"] == 5
+    assert raw["masks"]["sparsity"] == 0.5  # the input is not modified
+    assert params_from_dict(out).masks.sparsity == 0.7
+    # the mapping form and a null value
+    out = apply_overrides(raw, {"masks.tau": 0.01, "masks.sparsity": None})
+    assert params_from_dict(out).masks.tau == 0.01
+
+
+def test_apply_overrides_unknown_or_bad_key_raises():
+    with pytest.raises(ParamError) as info:
+        apply_overrides({}, ["masks.sparsityy=0.7"])
+    assert info.value.key == "masks.sparsityy"
+    assert "allowed keys here" in str(info.value)
+    with pytest.raises(ParamError, match="masks.sparsity: must be in"):
+        apply_overrides({}, ["masks.sparsity=1.5"])
+    with pytest.raises(ParamError, match="key.path=value"):
+        apply_overrides({}, ["masks.sparsity"])
+    with pytest.raises(ParamError, match="seed is not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=1"])
+
+
+def test_section_dict_flattens():
+    params = params_from_dict({"masks": {"sparsity": 0.25}})
+    assert section_dict(params, "masks") == {"masks.criterion": "gradient", "masks.tau": None,
+                                             "masks.sparsity": 0.25, "masks.scope": "global"}
+    assert section_dict(params, "seed") == {"seed": 1234}

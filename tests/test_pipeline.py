@@ -1,0 +1,143 @@
+"""The whole DAG on the micro config: once through `dvc repro`, once through the Prefect flow.
+
+Both run from scratch on the real packaged corpus; together they also check that two runs give
+bit-identical masks and final weights, that DVC skips what did not change, and that MLflow holds
+one parent run per execution with a nested run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import make_micro_repo, run, run_env
+
+STAGES = ["prepare", "train", "gradients", "masks", "finetune", "average", "evaluate"]
+DVC = [sys.executable, "-m", "dvc"]
+
+
+@pytest.fixture(scope="module")
+def repro_repo(session_tmp):
+    repo = make_micro_repo(session_tmp / "repro")
+    env = run_env(session_tmp)
+    log = run(DVC + ["repro"], repo, env)
+    return repo, env, log
+
+
+@pytest.fixture(scope="module")
+def flow_repo(session_tmp):
+    repo = make_micro_repo(session_tmp / "flow")
+    env = run_env(session_tmp)
+    log = run([sys.executable, "-m", "flows", "run"], repo, env)
+    return repo, env, log
+
+
+def runs_by_parent(repo: Path) -> dict[str, list[dict]]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("gradprune")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {r.info.run_id: [] for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent:
+            parents[parent].append({"stage": r.info.run_name, "status": r.info.status,
+                                    "params": r.data.params, "metrics": r.data.metrics})
+    return parents
+
+
+def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
+    repo, _, log = repro_repo
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    masks = json.loads((repo / "metrics" / "masks.json").read_text())
+    assert masks["sparsity_achieved"] == 0.5
+    assert masks["kept"] * 2 == masks["prunable"]
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    for model in ("pruned", "finetuned_last", "averaged"):
+        assert evaluate["models"][model]["sparsity"] == 0.5
+    assert evaluate["models"]["dense"]["sparsity"] == 0.0
+    assert evaluate["context_length"] == 64
+    for name in ("loss_curve.png", "layer_sparsity.png", "report.md"):
+        assert (repo / "data" / "evaluate" / name).stat().st_size > 0
+
+
+def test_second_repro_does_nothing(repro_repo):
+    repo, env, _ = repro_repo
+    log = run(DVC + ["repro"], repo, env)
+    assert "Running stage" not in log
+    assert "up to date" in run(DVC + ["status"], repo, env)
+
+
+def test_repro_is_one_mlflow_parent_with_a_nested_run_per_stage(repro_repo):
+    repo, _, _ = repro_repo
+    parents = runs_by_parent(repo)
+    assert len(parents) == 1
+    (children,) = parents.values()
+    assert sorted(c["stage"] for c in children) == sorted(STAGES)
+    assert all(c["status"] == "FINISHED" for c in children)
+    masks_run = next(c for c in children if c["stage"] == "masks")
+    assert masks_run["params"]["masks.sparsity"] == "0.5"
+    assert masks_run["metrics"]["sparsity_achieved"] == 0.5
+
+    from mlflow.tracking import MlflowClient
+    versions = MlflowClient().search_model_versions("name = 'gradprune-final'")
+    assert len(versions) == 1
+
+
+def test_pruned_weights_stay_zero_through_finetune_and_average(repro_repo):
+    from gradprune.masks import load_masks
+
+    repo, _, _ = repro_repo
+    masks = load_masks(repo / "data" / "masks" / "masks.safetensors")
+    final = load_file(str(repo / "data" / "average" / "model" / "model.safetensors"))
+    checkpoints = sorted((repo / "data" / "finetune").glob("ckpt-*.safetensors"))
+    assert len(checkpoints) == 3
+    for state in [final] + [load_file(str(c)) for c in checkpoints]:
+        for name, mask in masks.items():
+            weight = state[f"{name}.weight"]
+            assert torch_all_zero(weight[~mask]), name
+            assert (weight[mask] != 0).float().mean() > 0.99, name
+
+
+def torch_all_zero(values) -> bool:
+    return bool((values == 0).all())
+
+
+def test_flow_runs_the_same_dag_and_leaves_dvc_clean(flow_repo):
+    repo, env, log = flow_repo
+    outcome = json.loads(log[log.index("{"):log.rindex("}") + 1])
+    assert outcome == {stage: "ran" for stage in STAGES}
+    assert "up to date" in run(DVC + ["status"], repo, env)
+    parents = runs_by_parent(repo)
+    assert len(parents) == 1
+    (children,) = parents.values()
+    assert sorted(c["stage"] for c in children) == sorted(STAGES)
+
+
+def test_two_runs_from_scratch_are_bit_identical(repro_repo, flow_repo):
+    a, _, _ = repro_repo
+    b, _, _ = flow_repo
+    for rel in ("data/masks/masks.safetensors", "data/average/model/model.safetensors",
+                "data/train/model/model.safetensors", "data/prepare/train.parquet"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+# Last: it moves the repro workspace to another sparsity.
+def test_changing_sparsity_reruns_only_masks_and_after(repro_repo):
+    repo, env, _ = repro_repo
+    log = run(DVC + ["exp", "run", "-S", "masks.sparsity=0.7"], repo, env)
+    for stage in ("prepare", "train", "gradients"):
+        assert f"Running stage '{stage}'" not in log
+    for stage in ("masks", "finetune", "average", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+    masks = json.loads((repo / "metrics" / "masks.json").read_text())
+    assert masks["sparsity_asked"] == 0.7
+    assert abs(masks["sparsity_achieved"] - 0.7) <= 1 / masks["prunable"]
