@@ -88,14 +88,14 @@ BF16 = Literal["auto", "on", "off"]
 
 @dataclass(frozen=True)
 class TrainParams:
-    steps: int = 240
-    batch_size: int = 16
+    steps: int = 480
+    batch_size: int = 8
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 20
+    warmup_steps: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 40
+    eval_every: int = 80
     eval_blocks: int = 64
     bf16: BF16 = "auto"
 
@@ -150,6 +150,7 @@ class MaskParams:
 @dataclass(frozen=True)
 class FinetuneParams(TrainParams):
     steps: int = 60
+    batch_size: int = 16
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 5
@@ -253,6 +254,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ParamError(key, f"must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no decimal point) as a string; accept what float() accepts.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamError(key, f"must be a number, got {value!r}")
         return float(value)

@@ -137,9 +137,11 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in sorted(masks.items())}
+    # One metadata key only: safetensors writes several keys in a random order, which would
+    # break bit-identical reruns.
     save_file({name: pack_mask(mask) for name, mask in masks.items()}, str(path),
-              metadata={"format": "gradprune-packed-masks", "shapes": json.dumps(shapes)})
+              metadata={"gradprune.mask_shapes": json.dumps(shapes)})
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
@@ -151,7 +153,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             # A safetensors file saved without metadata gives None here, not {}.
-            shapes = json.loads((f.metadata() or {})["shapes"])
+            shapes = json.loads((f.metadata() or {})["gradprune.mask_shapes"])
             return {name: unpack_mask(f.get_tensor(name), tuple(shapes[name]))
                     for name in f.keys()}
     # RuntimeError: packed bytes too few for the recorded shape.

@@ -77,11 +77,14 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
 
 
 def save_stats(path: str | Path, stats: dict[str, dict[str, torch.Tensor]],
-               metadata: dict[str, str]) -> None:
+               info: dict) -> None:
+    import json
+
     from safetensors.torch import save_file
 
     flat = {f"{name}.{k}": v.contiguous() for name, per in stats.items() for k, v in per.items()}
-    save_file(flat, str(path), metadata=metadata)
+    # One metadata key only: safetensors writes several keys in a random order.
+    save_file(flat, str(path), metadata={"gradprune.stats": json.dumps(info, sort_keys=True)})
 
 
 def load_stats(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:

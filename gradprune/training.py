@@ -8,7 +8,9 @@ could otherwise move them).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +19,8 @@ from torch import nn
 
 from gradprune.config import TrainParams
 from gradprune.masks import apply_masks
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, cfg: TrainParams) -> float:
@@ -84,6 +88,7 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
     order = batch_order(len(train_blocks), cfg.batch_size, cfg.steps, seed)
     val = val_blocks[: cfg.eval_blocks]
     curve: list[CurvePoint] = []
+    started = time.perf_counter()
     for step in range(cfg.steps):
         model.train()
         lr = lr_at(step, cfg)
@@ -109,6 +114,9 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
         val_loss = None
         if done % cfg.eval_every == 0 or done == cfg.steps or done in validate_also_at:
             val_loss = mean_loss(model, val, cfg.batch_size, bf16)
+            tokens_per_s = done * batch.numel() / (time.perf_counter() - started)
+            log.info("step %d/%d  train loss %.4f  val loss %.4f  lr %.2e  %.0f tokens/s",
+                     done, cfg.steps, loss.item(), val_loss, lr, tokens_per_s)
             if on_validation is not None:
                 on_validation(done, val_loss)
         curve.append(CurvePoint(done, loss.item(), val_loss, lr))

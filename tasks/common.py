@@ -14,6 +14,7 @@ holding the identity of the `dvc` process that launched them, so every stage of 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import sys
@@ -52,7 +53,7 @@ def _dvc_ancestor() -> str | None:
         except OSError:
             return None
         fields = stat[stat.rindex(")") + 2:].split()
-        if any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:2]):
+        if any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:3]):  # dvc, or python -m dvc
             return f"dvc-{pid}-{fields[19]}"
         pid = int(fields[1])
     return None
@@ -179,6 +180,10 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
         sys.exit(2)
 
     quiet_progress_bars()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
+    logging.getLogger("gradprune").addHandler(handler)
+    logging.getLogger("gradprune").setLevel(logging.INFO)
     for folder in (DATA, METRICS, PLOTS):
         remove_stale_temporaries(folder)
     experiment_id = configure_tracking(params)

@@ -39,7 +39,7 @@ def run(params: Params, stage: Stage) -> dict:
 
     with atomic_dir(OUT) as out:
         save_stats(out / "stats.safetensors", stats,
-                   {"calibration_blocks": str(len(blocks)), "block_size": str(blocks.shape[1])})
+                   {"calibration_blocks": len(blocks), "block_size": blocks.shape[1]})
     return {
         "calibration_blocks": len(blocks),
         "calibration_tokens": int(blocks.numel()),

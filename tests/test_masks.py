@@ -280,7 +280,7 @@ def test_load_masks_corrupt_files_name_path(tmp_path):
     # Valid safetensors, but not a mask file: no metadata at all, or shapes that disagree.
     save_file({"w": torch.zeros(3, dtype=torch.uint8)}, str(tmp_path / "nometa.safetensors"))
     save_file({"w": torch.zeros(1, dtype=torch.uint8)}, str(tmp_path / "badshape.safetensors"),
-              metadata={"format": "gradprune-packed-masks", "shapes": '{"w": [4, 4]}'})
+              metadata={"gradprune.mask_shapes": '{"w": [4, 4]}'})
     for name in [*corrupt, "nometa.safetensors", "badshape.safetensors"]:
         path = tmp_path / name
         with pytest.raises(ValueError, match=f"{path}: corrupt mask file"):

@@ -101,14 +101,14 @@ def test_pruned_weights_stay_zero_through_finetune_and_average(repro_repo):
     checkpoints = sorted((repo / "data" / "finetune").glob("ckpt-*.safetensors"))
     assert len(checkpoints) == 3
     for state in [final] + [load_file(str(c)) for c in checkpoints]:
+        kept_nonzero = kept = 0
         for name, mask in masks.items():
             weight = state[f"{name}.weight"]
-            assert torch_all_zero(weight[~mask]), name
-            assert (weight[mask] != 0).float().mean() > 0.99, name
-
-
-def torch_all_zero(values) -> bool:
-    return bool((values == 0).all())
+            assert bool((weight[~mask] == 0).all()), name
+            kept_nonzero += int((weight[mask] != 0).sum())
+            kept += int(mask.sum())
+        # The kept weights are still alive (a global criterion may empty a whole layer).
+        assert kept_nonzero > 0.99 * kept
 
 
 def test_flow_runs_the_same_dag_and_leaves_dvc_clean(flow_repo):
