@@ -30,6 +30,9 @@ def run_env(tmp_home: Path) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PREFECT_HOME"] = str(tmp_home / "prefect")
     env.pop("PREFECT_API_URL", None)
+    # mlflow.set_tracking_uri() in this process exports MLFLOW_TRACKING_URI; a pipeline run
+    # must use its own repository's store.
+    env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
