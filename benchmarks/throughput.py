@@ -42,8 +42,8 @@ spread of `paired_ratios` says so, and the run is worth repeating on a quieter m
 `ratio_best` compares the fastest run of each method (timeit's rule: interference only ever
 adds time), a cross-check when the spread is wide.
 
-With the defaults (6 steps, 5 rounds, 8 calibration blocks) a run takes about a minute on two
-idle cores with the repository's params.yaml.
+With the defaults (6 steps, 5 rounds, 8 calibration blocks) a run takes about 30 s on two idle
+cores with the repository's params.yaml (batch 8 x 256 tokens) and about a minute at batch 16.
 
 When the prepared blocks (--blocks, by default data/prepare/train.parquet) do not exist,
 random token ids of the same shape stand in (`"data": "random"` in the JSON); the cost of a
