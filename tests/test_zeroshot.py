@@ -1,0 +1,300 @@
+"""Zero-shot multiple choice: loaders, harness-style tokenization, log-likelihoods, accuracy, and
+the cross-check against lm-evaluation-harness's HFLM on the same saved model."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradprune.config import ModelParams
+from gradprune.data import train_bpe_tokenizer
+from gradprune.model import build_llama
+from gradprune.zeroshot import (RECORD_COUNTS, TASKS, Question, TaskError, encode_pair,
+                                evaluate_task, load_jsonl_task, load_task, loglikelihoods,
+                                mean_and_stderr, score_questions, scored_pairs)
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A man is sitting on a roof. He starts pulling up roofing.",
+    "Question: How do I boil water?\nAnswer: Put it in a pot on the stove.",
+    "The trophy did not fit in the suitcase because the trophy was too big.",
+    "Sarah was a much better surgeon than Maria so Maria always got the easier cases.",
+    "Café crème costs three euros; naïve visitors pay more.",
+] * 3
+MAX_POSITIONS = 48
+
+# (context, continuation) pairs covering the harness's tokenization edge cases: a plain
+# space-led answer, a context ending in spaces (moved to the continuation), an empty context
+# (conditioned on BOS), non-ASCII text, a newline, and a context longer than the model's
+# window (left-truncated).
+REQUESTS = [
+    ("The quick brown fox", " jumps over the lazy dog."),
+    ("The quick brown fox", " sits."),
+    ("Question: How do I boil water?\nAnswer:", " Put it in a pot on the stove."),
+    ("A man is sitting on a roof.  ", "He starts pulling up roofing."),
+    ("", "The trophy did not fit."),
+    ("Café crème costs", " three euros"),
+    ("The trophy did not fit in the suitcase because the trophy", " was too big."),
+    (" ".join(SENTENCES[:3]) * 2, " the lazy dog."),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM and a byte-level BPE tokenizer, saved as the pipeline
+    saves its models (save_pretrained: config.json, model.safetensors, tokenizer files)."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = train_bpe_tokenizer(SENTENCES, vocab_size=300)
+    cfg = ModelParams(layers=2, hidden=32, heads=4, kv_heads=2, ffn=48)
+    model = build_llama(cfg, vocab_size=len(tokenizer), context=MAX_POSITIONS,
+                        eos_token_id=tokenizer.eos_token_id, seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(saved_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(saved_model)
+
+
+# --- tokenization and log-likelihoods ----------------------------------------------------
+
+def test_encode_pair_moves_trailing_spaces_and_splits_at_the_context(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    context_ids, continuation_ids = encode_pair(tokenizer, "The quick brown  ", "fox")
+    assert context_ids == tokenizer("The quick brown")["input_ids"]
+    whole = tokenizer("The quick brown  fox")["input_ids"]
+    assert continuation_ids == whole[len(context_ids):]
+    assert tokenizer.decode(continuation_ids) == "  fox"
+
+
+def test_encode_pair_empty_context_conditions_on_bos(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    context_ids, continuation_ids = encode_pair(tokenizer, "", "The fox")
+    assert context_ids == [tokenizer.bos_token_id]
+    assert continuation_ids == tokenizer("The fox", add_special_tokens=False)["input_ids"]
+
+
+def _direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log P(continuation | context) token by token, one forward pass per token."""
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    ids, total = list(context_ids), 0.0
+    for token in continuation_ids:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[-MAX_POSITIONS:]])).logits[0, -1]
+        total += logits.log_softmax(-1)[token].item()
+        ids.append(token)
+    return total
+
+
+def test_loglikelihoods_equal_token_by_token_sums(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    # the last request overflows the model's window: token by token, each continuation token
+    # would keep its own window, so that one is checked against HFLM below instead
+    requests = REQUESTS[:-1]
+    got = loglikelihoods(model, tokenizer, requests, batch_size=3)
+    for (context, continuation), (ll, _) in zip(requests, got):
+        assert ll == pytest.approx(_direct_loglikelihood(model, tokenizer, context,
+                                                         continuation), abs=1e-4)
+
+
+def test_loglikelihoods_do_not_depend_on_batch_size_and_flag_greedy(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    one = loglikelihoods(model, tokenizer, REQUESTS, batch_size=1)
+    four = loglikelihoods(model, tokenizer, REQUESTS, batch_size=4)
+    for (a, greedy_a), (b, greedy_b) in zip(one, four):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    # a one-token continuation equal to the model's argmax is greedy
+    context = "The quick brown fox"
+    ids = tokenizer(context)["input_ids"]
+    with torch.no_grad():
+        best = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+    continuation = tokenizer.decode(ids + [best])[len(context):]
+    if encode_pair(tokenizer, context, continuation)[1] == [best]:
+        [(_, greedy)] = loglikelihoods(model, tokenizer, [(context, continuation)], 1)
+        assert greedy
+
+
+# --- accuracy ----------------------------------------------------------------------------
+
+def test_acc_and_acc_norm_disagree_when_the_longer_answer_wins_per_character():
+    question = Question("Q:", ("a", "bbbbbbbbbb"), gold=1)
+    scores = score_questions([question], [-2.0, -5.0])
+    assert scores["acc"] == 0.0  # -2 > -5
+    assert scores["acc_norm"] == 1.0  # -2/1 < -5/10
+    assert scores["n"] == 1 and math.isnan(scores["acc_stderr"])
+
+
+def test_acc_norm_counts_characters_and_acc_bytes_counts_utf8_bytes():
+    question = Question("Q:", ("éé", "abc"), gold=0)  # 2 chars / 4 bytes vs 3 / 3
+    scores = score_questions([question], [-2.2, -3.0])
+    assert scores["acc"] == 1.0
+    assert scores["acc_norm"] == 0.0  # -1.1 < -1.0
+    assert scores["acc_bytes"] == 1.0  # -0.55 > -1.0
+
+
+def test_scores_and_standard_errors_over_several_questions():
+    questions = [Question("c", ("x", "y"), 0), Question("c", ("x", "y", "z"), 2),
+                 Question("c", ("x", "y"), 1), Question("c", ("x", "y"), 0)]
+    lls = [-1, -2, -3, -2, -1, -1, -2, -2, -2]  # right, right, wrong, right (first of a tie)
+    scores = score_questions(questions, lls)
+    assert scores["acc"] == 0.75
+    assert scores["acc_stderr"] == pytest.approx(math.sqrt(0.25 / 4))  # sample std 0.5
+    assert mean_and_stderr([1.0, 0.0, 1.0, 1.0]) == (0.75, pytest.approx(0.25))
+
+
+def test_winogrande_partial_scoring_scores_the_shared_rest_of_the_sentence(model_and_tokenizer):
+    row = {"sentence": "The trophy did not fit in the suitcase because _ was too big.",
+           "option1": "the trophy", "option2": "the suitcase", "answer": "1"}
+    from gradprune.zeroshot import _winogrande
+    question = _winogrande(row)
+    assert scored_pairs(question) == [
+        ("The trophy did not fit in the suitcase because the trophy", " was too big."),
+        ("The trophy did not fit in the suitcase because the suitcase", " was too big.")]
+    model, tokenizer = model_and_tokenizer
+    direct = [_direct_loglikelihood(model, tokenizer, c, x) for c, x in scored_pairs(question)]
+    lls = [ll for ll, _ in loglikelihoods(model, tokenizer, scored_pairs(question), 2)]
+    assert lls == pytest.approx(direct, abs=1e-4)
+    expected = float(direct.index(max(direct)) == 0)
+    scores = score_questions([question], lls)
+    assert scores["acc"] == scores["acc_norm"] == scores["acc_bytes"] == expected
+
+
+# --- tasks -------------------------------------------------------------------------------
+
+def test_each_packaged_task_has_the_documented_record_count():
+    for task in TASKS:
+        questions = load_task(task)
+        assert len(questions) == RECORD_COUNTS[task], task
+        assert all(0 <= q.gold < len(q.choices) for q in questions), task
+    assert RECORD_COUNTS == {"hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
+                             "arc_easy": 570, "arc_challenge": 299, "boolq": 3270,
+                             "openbookqa": 500}
+
+
+def test_limit_takes_the_first_questions():
+    assert load_task("piqa", limit=5) == load_task("piqa")[:5]
+    with pytest.raises(TaskError, match="unknown task"):
+        load_task("mmlu")
+
+
+def test_prompts_match_the_harness_task_definitions():
+    """Render the installed harness's own templates and preprocessing on the packaged rows."""
+    pytest.importorskip("lm_eval")
+    yaml = pytest.importorskip("yaml")
+    import lm_eval
+    from lm_eval.tasks.hellaswag.utils import preprocess
+    from lm_eval.tasks.winogrande import preprocess_winogrande as wino
+    from lm_eval.utils import apply_template
+
+    from gradprune.sources import BENCHMARK_VALIDATION, read_packaged_arrow_stream
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_constructor("!function", lambda loader, node: None)
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+
+    def definition(relative: str) -> dict:
+        return yaml.load((tasks_dir / relative).read_text(), Loader=Loader)
+
+    def rows(task: str, n: int = 40) -> list[dict]:
+        table, _ = read_packaged_arrow_stream(BENCHMARK_VALIDATION[task])
+        return table.slice(0, n).to_pylist()
+
+    def render(template: str, doc: dict) -> str:
+        return apply_template(template, doc)
+
+    for task, yaml_file, doc_of in [
+            ("piqa", "piqa/piqa.yaml", dict),
+            ("arc_easy", "arc/arc_easy.yaml", dict),
+            ("arc_challenge", "arc/arc_easy.yaml", dict),
+            ("openbookqa", "openbookqa/openbookqa.yaml", dict),
+            ("boolq", "super_glue/boolq/default.yaml",
+             lambda row: {**row, "label": int(row["answer"])})]:
+        spec = definition(yaml_file)
+        for row, ours in zip(rows(task), load_task(task, 40)):
+            doc = doc_of(row)
+            text = spec["doc_to_text"]
+            assert ours.context == (render(text, doc) if "{{" in text else doc[text]), task
+            choices = spec["doc_to_choice"]
+            expected = (choices if isinstance(choices, list)
+                        else ast.literal_eval(render(choices, doc)) if choices.startswith("{{[")
+                        else doc["choices"]["text"])
+            assert list(ours.choices) == list(expected), task
+            target = spec["doc_to_target"]
+            gold = doc[target] if target in doc else int(render(target, doc))
+            assert ours.gold == gold, task
+
+    for row, ours in zip(rows("hellaswag"), load_task("hellaswag", 40)):
+        assert ours.context == preprocess(
+            row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+        assert list(ours.choices) == [preprocess(e) for e in row["endings"]]
+        assert ours.gold == int(row["label"])
+
+    for row, ours in zip(rows("winogrande"), load_task("winogrande", 40)):
+        contexts, continuation = wino.doc_to_choice(row), wino.doc_to_target(row)
+        assert scored_pairs(ours) == [(c, " " + continuation) for c in contexts]
+        assert ours.gold == wino.doc_to_text(row)
+
+
+def test_jsonl_task_loads_and_evaluates(tmp_path, model_and_tokenizer):
+    path = tmp_path / "mine.jsonl"
+    records = [{"context": "The quick brown fox", "choices": ["jumps.", "sits."], "gold": 0},
+               {"context": "The trophy did not fit because", "choices": ["it", "the trophy"],
+                "gold": 1, "continuation": "was too big."},
+               {"context": "Café crème costs", "choices": ["three euros", "a lot", "nothing"],
+                "gold": 2}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    questions = load_jsonl_task(path)
+    assert questions[0] == Question("The quick brown fox", ("jumps.", "sits."), 0)
+    assert questions[1].continuation == "was too big."
+    model, tokenizer = model_and_tokenizer
+    result = evaluate_task(model, tokenizer, str(path), limit=2, batch_size=4)
+    assert result["n"] == 2
+    assert set(result) == {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+                           "acc_bytes", "acc_bytes_stderr"}
+    full = evaluate_task(model, tokenizer, str(path), batch_size=4)
+    assert full["n"] == 3 and 0.0 <= full["acc"] <= 1.0
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"context": "c", "choices": ["a"], "gold": 0}', "at least two"),
+    ('{"context": "c", "choices": ["a", "b"], "gold": 2}', "gold"),
+    ('{"context": "c", "choices": ["a", "b"], "gold": true}', "gold"),
+    ('{"context": "c", "choices": ["a", "b"], "gold": 0, "label": 1}', "unknown fields"),
+    ('{"context": "", "choices": ["a", "b"], "gold": 0}', "context"),
+    ('not json', "not JSON")])
+def test_jsonl_task_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"context": "c", "choices": ["a", "b"], "gold": 0}\n' + line + "\n")
+    with pytest.raises(TaskError, match=message) as err:
+        load_jsonl_task(path)
+    assert f"{path}:2" in str(err.value)
+
+
+# --- lm-evaluation-harness cross-check ---------------------------------------------------
+
+def test_loglikelihoods_match_lm_eval_hflm_on_the_saved_model(saved_model, model_and_tokenizer):
+    """The saved model loads in HFLM unchanged, and per-request log-likelihoods and greedy
+    flags agree to 1e-4 (including left-truncation past the model's 48 positions)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    harness = HFLM(pretrained=str(saved_model), device="cpu", dtype="float32", batch_size=3)
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
+                 for i, pair in enumerate(REQUESTS)]
+    theirs = harness.loglikelihood(instances, disable_tqdm=True)
+    model, tokenizer = model_and_tokenizer
+    ours = loglikelihoods(model, tokenizer, REQUESTS, batch_size=2)
+    for request, (ll, greedy), (their_ll, their_greedy) in zip(REQUESTS, ours, theirs):
+        assert ll == pytest.approx(their_ll, abs=1e-4), request
+        assert greedy == their_greedy, request
