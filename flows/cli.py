@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import yaml
 
 
 def prefect_defaults() -> None:
@@ -19,12 +18,14 @@ def prefect_defaults() -> None:
 
 
 def parse_overrides(items: list[str]) -> dict:
+    from gradprune.config import parse_value
+
     overrides = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --set {item!r}: write key.path=value, e.g. masks.sparsity=0.7")
-        overrides[key.strip()] = yaml.safe_load(text)
+        overrides[key.strip()] = parse_value(text)
     return overrides
 
 

@@ -64,7 +64,8 @@ def run_stage(stage: str, parent_run_id: str, repo: str) -> str:
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
         raise RuntimeError(f"stage {stage} failed (exit {done.returncode}):\n{output[-4000:]}")
-    ran = f"Running stage '{stage}'" in output
+    # A matrix stage runs as stage@item, one per item.
+    ran = f"Running stage '{stage}'" in output or f"Running stage '{stage}@" in output
     logger.info("stage %s: %s", stage, "ran" if ran else "up to date, skipped by DVC")
     return "ran" if ran else "skipped"
 

@@ -8,6 +8,7 @@ or writes anything.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+
+from gradprune.criteria import CRITERIA
+from gradprune.zeroshot import TASKS as ZEROSHOT_TASKS
 
 
 class ParamError(ValueError):
@@ -119,22 +122,73 @@ class GradientParams:
     include: tuple[str, ...] = ("model.layers.*",)
     exclude: tuple[str, ...] = ()
     bf16: BF16 = "auto"
+    # X^T X per Linear for sparsegpt (in_features^2 floats each); off saves memory and disk.
+    hessian: bool = True
 
     def check(self) -> None:
         _require(self.calibration_blocks >= 1, "gradients.calibration_blocks", "must be at least 1")
         _require(len(self.include) >= 1, "gradients.include", "needs at least one pattern")
 
 
-CRITERIA = ("gradient", "magnitude", "taylor")
+PATTERN_HELP = "'unstructured', 'N:M' (keep N of every M consecutive inputs, e.g. '2:4') or 'structured'"
+
+
+def parse_pattern(pattern: str, key: str = "masks.pattern") -> tuple[int, int] | str:
+    """'unstructured' | 'structured' | (n, m) for an N:M pattern such as '2:4'."""
+    if pattern in ("unstructured", "structured"):
+        return pattern
+    n, sep, m = pattern.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise ParamError(key, f"got {pattern!r}; allowed: {PATTERN_HELP}, with 0 < N < M")
+
+
+@dataclass(frozen=True)
+class StructuredParams:
+    # Fractions of FFN channels and of attention head groups (a KV head with its query heads)
+    # removed in every layer; null takes masks.sparsity.
+    ffn_sparsity: float | None = None
+    head_sparsity: float | None = None
+    # Kept FFN width is rounded to a multiple of this (kernels like aligned widths).
+    ffn_multiple: int = 8
+
+    def check(self) -> None:
+        for key in ("ffn_sparsity", "head_sparsity"):
+            value = getattr(self, key)
+            _require(value is None or 0 <= value < 1, f"masks.structured.{key}",
+                     f"must be null or in [0, 1), got {value}")
+        _require(self.ffn_multiple >= 1, "masks.structured.ffn_multiple", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class SparseGPTParams:
+    block_size: int = 128      # columns per OBS block, as in the paper
+    damp: float = 0.01         # fraction of the mean Hessian diagonal added before inverting
+
+    def check(self) -> None:
+        _require(self.block_size >= 1, "masks.sparsegpt.block_size", "must be at least 1")
+        _require(0 < self.damp < 1, "masks.sparsegpt.damp", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
 class MaskParams:
-    criterion: Literal["gradient", "magnitude", "taylor"] = "gradient"
+    criterion: Literal[CRITERIA] = "gradient"
+    # gradient: mean = |E[g]| (the seed), abs_mean = E|g|, rms = sqrt(E[g^2]);
+    # taylor: mean = |w E[g]|, abs_mean = E|w g|. Other criteria take "mean".
+    variant: Literal["mean", "abs_mean", "rms"] = "mean"
+    # null: 100 * sqrt(calibration blocks), the GBLM reference's scale for our gradient norm.
+    gblm_alpha: float | None = None
     # Exactly one of tau (keep where score > tau) and sparsity (fraction of weights pruned).
     tau: float | None = None
     sparsity: float | None = 0.5
-    scope: Literal["global", "per_layer"] = "global"
+    scope: Literal["global", "per_layer", "per_row"] = "global"
+    pattern: str = "unstructured"
+    # fnmatch pattern over Linear names -> its own sparsity, e.g. {"*.mlp.*": 0.6}; first match.
+    overrides: dict[str, float] = field(default_factory=dict)
+    # Linear names (fnmatch) left dense although the gradients stage collected them.
+    exclude: tuple[str, ...] = ()
+    structured: StructuredParams = field(default_factory=StructuredParams)
+    sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
 
     def check(self) -> None:
         if (self.tau is None) == (self.sparsity is None):
@@ -145,44 +199,166 @@ class MaskParams:
                      f"must be in [0, 1), got {self.sparsity}")
         if self.tau is not None:
             _require(self.tau >= 0, "masks.tau", "must be >= 0 (scores are non-negative)")
+            _require(self.criterion != "sparsegpt", "masks.tau",
+                     "sparsegpt needs a target: set masks.sparsity instead")
+        allowed = {"gradient": ("mean", "abs_mean", "rms"), "taylor": ("mean", "abs_mean")}
+        _require(self.variant in allowed.get(self.criterion, ("mean",)), "masks.variant",
+                 f"{self.criterion} allows {', '.join(map(repr, allowed.get(self.criterion, ('mean',))))}")
+        _require(self.gblm_alpha is None or self.gblm_alpha >= 0, "masks.gblm_alpha",
+                 "must be null or >= 0")
+        pattern = parse_pattern(self.pattern)
+        if pattern == "structured":
+            _require(self.criterion != "sparsegpt", "masks.criterion",
+                     "sparsegpt has no structured form; pick a score-based criterion")
+        if pattern != "unstructured":
+            _require(self.tau is None, "masks.tau",
+                     f"pattern {self.pattern!r} needs masks.sparsity, not a threshold")
+            _require(not self.overrides, "masks.overrides", "apply to unstructured masks only")
+        if isinstance(pattern, tuple):
+            n, m = pattern
+            _require(self.sparsity is not None and abs(self.sparsity - (1 - n / m)) < 1e-9,
+                     "masks.sparsity", f"pattern {self.pattern} keeps {n} of every {m} weights: "
+                     f"set masks.sparsity to {1 - n / m}")
+        for name, value in self.overrides.items():
+            _require(0 <= value < 1, f"masks.overrides.{name}", f"must be in [0, 1), got {value}")
+        self.structured.check()
+        self.sparsegpt.check()
 
 
 @dataclass(frozen=True)
 class FinetuneParams(TrainParams):
     steps: int = 60
-    batch_size: int = 16
+    batch_size: int = 16           # blocks per micro-batch
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 5
     weight_decay: float = 0.0
     eval_every: int = 15
-    checkpoints: int = 4
+    checkpoints: int = 4           # saved per run, spread over its steps
+    # Runs from the same mask that differ only in seed and data order (Sparse Model Soups):
+    # sharing the mask, their average is exactly as sparse as each of them.
+    runs: int = 2
+    grad_accum: int = 1            # micro-batches summed into one optimizer step
+    # Stop a run after this many validations without a lower validation loss; null: never.
+    patience: int | None = None
+    # Loss = (1 - w) * LM loss + w * T^2 * KL(dense teacher || student) at temperature T;
+    # w = 0 trains on the LM loss alone and never loads the teacher. Off by default: at the
+    # default model size the fp32 KL over every position's logits more than doubles a step.
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    ema_decay: float = 0.9         # of the exponential moving average kept beside each run
 
     def check(self) -> None:
         super().check("finetune")
         _require(1 <= self.checkpoints <= self.steps, "finetune.checkpoints",
                  f"must be in [1, finetune.steps={self.steps}]")
+        _require(self.runs >= 1, "finetune.runs", "must be at least 1")
+        _require(self.grad_accum >= 1, "finetune.grad_accum", "must be at least 1")
+        _require(self.patience is None or self.patience >= 1, "finetune.patience",
+                 "must be null (no early stopping) or at least 1 validation")
+        _require(0 <= self.distill_weight <= 1, "finetune.distill_weight",
+                 f"must be in [0, 1] (0 turns distillation off), got {self.distill_weight}")
+        _require(self.distill_temperature > 0, "finetune.distill_temperature", "must be positive")
+        _require(0 < self.ema_decay < 1, "finetune.ema_decay",
+                 f"must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
 class AverageParams:
-    method: Literal["uniform", "val_weighted"] = "val_weighted"
+    # uniform: every checkpoint alike | val_weighted: softmax(-val_loss / temperature) |
+    # greedy: greedy soup over checkpoints by validation loss | ema: the runs' moving averages |
+    # swa: uniform over the checkpoints in the last swa_fraction of each run.
+    method: Literal["uniform", "val_weighted", "greedy", "ema", "swa"] = "greedy"
     temperature: float = 0.05
+    swa_fraction: float = 0.5
 
     def check(self) -> None:
         _require(self.temperature > 0, "average.temperature", "must be positive")
+        _require(0 < self.swa_fraction <= 1, "average.swa_fraction",
+                 f"must be in (0, 1], got {self.swa_fraction}")
+
+
+@dataclass(frozen=True)
+class SpeedParams:
+    enabled: bool = True
+    prompt_len: int = 128
+    new_tokens: int = 32
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 3
+    # Tokens pushed through one masked Linear to time torch's sparse (CSR) kernel.
+    sparse_kernel_tokens: int = 512
+
+    def check(self) -> None:
+        for key in ("prompt_len", "new_tokens", "repeats", "sparse_kernel_tokens"):
+            _require(getattr(self, key) >= 1, f"evaluate.speed.{key}", "must be at least 1")
+        _require(len(self.batch_sizes) >= 1 and min(self.batch_sizes) >= 1,
+                 "evaluate.speed.batch_sizes", "must list batch sizes of at least 1")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    max_blocks: int | None = None
+    # Sliding-window perplexity: windows of `context` tokens advancing by `stride`, so every
+    # scored token has at least context - stride tokens of history. null context: the block
+    # size; null stride: context / 2.
+    context: int | None = None
+    stride: int | None = None
+    max_tokens: int | None = 65536       # of the test split scored (null: all of it)
+    extra_texts: tuple[str, ...] = ()    # more .txt files to report perplexity on
     batch_size: int = 8
-    bf16: BF16 = "off"
+    bf16: BF16 = "auto"
+    # Zero-shot multiple choice, scored as lm-evaluation-harness does; a .jsonl path adds a
+    # custom task (docs/TASKS.md).
+    tasks: tuple[str, ...] = ZEROSHOT_TASKS
+    limit: int | None = 200              # questions per task (null: all)
+    task_limits: dict[str, int] = field(default_factory=dict)
+    speed: SpeedParams = field(default_factory=SpeedParams)
 
     def check(self) -> None:
-        _require(self.max_blocks is None or self.max_blocks >= 1, "evaluate.max_blocks",
-                 "must be null (every test block) or at least 1")
+        _require(self.context is None or self.context >= 2, "evaluate.context",
+                 "must be null (the block size) or at least 2")
+        _require(self.stride is None or self.stride >= 1, "evaluate.stride",
+                 "must be null (context / 2) or at least 1")
+        if self.context is not None and self.stride is not None:
+            _require(self.stride <= self.context, "evaluate.stride",
+                     f"must not exceed evaluate.context ({self.context})")
+        _require(self.max_tokens is None or self.max_tokens >= 2, "evaluate.max_tokens",
+                 "must be null or at least 2")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+        for i, path in enumerate(self.extra_texts):
+            _require(Path(path).is_file(), f"evaluate.extra_texts[{i}]", f"{path} is not a file")
+        for i, task in enumerate(self.tasks):
+            if task.endswith(".jsonl"):
+                _require(Path(task).is_file(), f"evaluate.tasks[{i}]", f"{task} is not a file")
+            else:
+                _require(task in ZEROSHOT_TASKS, f"evaluate.tasks[{i}]",
+                         f"got {task!r}; allowed: {', '.join(ZEROSHOT_TASKS)} or a .jsonl file")
+        _require(self.limit is None or self.limit >= 1, "evaluate.limit",
+                 "must be null (every question) or at least 1")
+        for task, limit in self.task_limits.items():
+            _require(task in self.tasks, f"evaluate.task_limits.{task}",
+                     "names a task not in evaluate.tasks")
+            _require(limit >= 1, f"evaluate.task_limits.{task}", "must be at least 1")
+        self.speed.check()
+
+
+@dataclass(frozen=True)
+class CompareParams:
+    # Every criterion x pattern is pruned from the same statistics and scored before
+    # fine-tuning; each row is its own DVC stage (compare@<criterion>-<pattern>).
+    criteria: tuple[str, ...] = ("gradient", "taylor", "magnitude", "wanda", "sparsegpt")
+    patterns: tuple[str, ...] = ("unstructured", "2:4")
+    sparsity: float | None = None        # of unstructured/structured rows; null: masks.sparsity
+
+    def check(self) -> None:
+        for i, criterion in enumerate(self.criteria):
+            _require(criterion in CRITERIA, f"compare.criteria[{i}]",
+                     f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
+        for i, pattern in enumerate(self.patterns):
+            parse_pattern(pattern, f"compare.patterns[{i}]")
+        _require(not ("sparsegpt" in self.criteria and "structured" in self.patterns),
+                 "compare.patterns", "sparsegpt has no structured form; drop one of the two")
+        _require(self.sparsity is None or 0 <= self.sparsity < 1, "compare.sparsity",
+                 "must be null (masks.sparsity) or in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -209,6 +385,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     average: AverageParams = field(default_factory=AverageParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    compare: CompareParams = field(default_factory=CompareParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def check(self) -> None:
@@ -216,6 +393,11 @@ class Params:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.check()
+        _require(self.evaluate.context is None or self.evaluate.context <= self.data.block_size,
+                 "evaluate.context", f"must not exceed data.block_size ({self.data.block_size}), "
+                 "the longest context the model was built for")
+        _require(self.compare.sparsity is not None or self.masks.sparsity is not None,
+                 "compare.sparsity", "set it when masks uses tau: rows need a target sparsity")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -238,6 +420,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ParamError(key, "must not be null")
         (inner,) = [o for o in options if o is not type(None)]
         return _convert(value, inner, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamError(key, f"must be a mapping, got {value!r}")
+        (key_type, inner) = typing.get_args(hint)
+        return {_convert(k, key_type, f"{key}"): _convert(v, inner, f"{key}.{k}")
+                for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ParamError(key, f"must be a list, got {value!r}")
@@ -292,14 +480,29 @@ def params_from_dict(raw: dict) -> Params:
     return params
 
 
+def _yaml12(text: str):
+    """YAML 1.2, as DVC reads params.yaml: `2:4` is a string there (YAML 1.1 makes it the
+    base-60 integer 124) and `1e-3` a float (a string in 1.1)."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def parse_value(text: str):
+    """An override's value, parsed as params.yaml would parse it."""
+    return _yaml12(text)
+
+
 def read_params_file(path: str | Path) -> dict:
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: params file not found (run from the repository root, "
                                 "or pass --params PATH)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        raw = _yaml12(path.read_text())
+    except YAMLError as err:
         raise ParamError(str(path), f"not valid YAML: {err}") from None
     return raw or {}
 
@@ -320,9 +523,9 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str]) -> dict:
             if "=" not in item:
                 raise ParamError(item, "an override is written key.path=value")
             key, text = item.split("=", 1)
-            pairs[key.strip()] = yaml.safe_load(text)
+            pairs[key.strip()] = parse_value(text)
         overrides = pairs
-    result = yaml.safe_load(yaml.safe_dump(raw))
+    result = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = result
         *parents, leaf = dotted.split(".")

@@ -1,6 +1,9 @@
-"""Masks from scores: a threshold tau, or an exact target sparsity; bit-packed storage.
+"""Masks from scores: a threshold tau, an exact target sparsity, or an N:M pattern; bit-packed
+storage.
 
-A mask is a bool tensor shaped like its weight, True where the weight is kept.
+A mask is a bool tensor shaped like its weight, True where the weight is kept. Targets apply
+over all tensors jointly (global), per tensor (per_layer) or per output row (per_row), with
+per-tensor overrides resolved from fnmatch patterns by sparsity_targets.
 
 Exact selection without sorting: scores are non-negative float32, whose IEEE-754 bit patterns
 read as int32 sort in the same order as the values. A two-pass radix select counts the high 16
@@ -13,6 +16,8 @@ position (tensors in name order, then flat index), so the pruned count is exactl
 from __future__ import annotations
 
 import json
+import math
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -83,18 +88,97 @@ def keep_top(scores: dict[str, torch.Tensor], n_prune: int) -> dict[str, torch.T
     return masks
 
 
+SCOPES = ("global", "per_layer", "per_row")
+
+
 def masks_for_sparsity(scores: dict[str, torch.Tensor], sparsity: float,
                        scope: str = "global") -> dict[str, torch.Tensor]:
-    """Prune round(sparsity * n) weights: over all tensors jointly, or within each tensor."""
+    """Prune round(sparsity * n) weights: over all tensors jointly, per tensor, or per row."""
+    return masks_for_targets(scores, {name: sparsity for name in scores}, scope)
+
+
+def masks_for_targets(scores: dict[str, torch.Tensor], targets: dict[str, float],
+                      scope: str = "global") -> dict[str, torch.Tensor]:
+    """Masks for a target sparsity per tensor (see sparsity_targets).
+
+    global: tensors that share a target are selected jointly, pruning round(target * n) of
+    their n weights together, so {mlp: 0.6, attention: 0.4} lets each module type spread its
+    budget across layers. per_layer: round(target * numel) per tensor. per_row: round(target *
+    row length) in every output row, the rows of a tensor being its first dimension.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"masks.scope: got {scope!r}; allowed: {', '.join(map(repr, SCOPES))}")
+    unmatched = sorted(set(targets) ^ set(scores))
+    if unmatched:
+        raise ValueError(f"{unmatched[0]}: has a score or a sparsity target but not both")
     for name, score in scores.items():
         check_scores(name, score)
-    if scope == "global":
-        total = sum(s.numel() for s in scores.values())
-        return keep_top(scores, round(sparsity * total))
+    if scope == "per_row":
+        return {name: keep_top_per_row(s, targets[name]) for name, s in scores.items()}
     if scope == "per_layer":
-        return {name: keep_top({name: s}, round(sparsity * s.numel()))[name]
+        return {name: keep_top({name: s}, round(targets[name] * s.numel()))[name]
                 for name, s in scores.items()}
-    raise ValueError(f"masks.scope: got {scope!r}; allowed: 'global', 'per_layer'")
+    masks = {}
+    for target in sorted(set(targets.values())):
+        group = {name: s for name, s in scores.items() if targets[name] == target}
+        masks.update(keep_top(group, round(target * sum(s.numel() for s in group.values()))))
+    return {name: masks[name] for name in scores}
+
+
+def keep_top_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the round(sparsity * row length) lowest scores of every row, ties by position.
+
+    Rows are short, so a stable sort within each row is cheap; rows go through in chunks to
+    bound the sort's index memory.
+    """
+    shape = (score.shape[0], math.prod(score.shape[1:])) if score.dim() > 1 else (1, score.numel())
+    rows = score.reshape(shape)
+    n_prune = round(sparsity * rows.shape[1])
+    keep = torch.ones(rows.shape, dtype=torch.bool)
+    step = max(1, CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        lowest = torch.sort(rows[start:start + step], dim=1, stable=True).indices[:, :n_prune]
+        keep[start:start + step].scatter_(1, lowest, False)
+    return keep.view(score.shape)
+
+
+def masks_for_n_m(scores: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
+    """N:M semi-structured masks: of every m consecutive weights along the input dimension
+    (the last one), keep the n highest; ties prune the earlier position first."""
+    if not 0 < n < m:
+        raise ValueError(f"masks.n_m: need 0 < n < m, got {n}:{m}")
+    masks = {}
+    for name, score in scores.items():
+        check_scores(name, score)
+        if score.dim() == 0 or score.shape[-1] % m != 0:
+            raise ValueError(f"{name}: input dimension of shape {tuple(score.shape)} is not a "
+                             f"multiple of m={m}; exclude it or choose another N:M pattern")
+        groups = score.reshape(-1, m)
+        lowest = torch.sort(groups, dim=1, stable=True).indices[:, :m - n]
+        keep = torch.ones(groups.shape, dtype=torch.bool)
+        masks[name] = keep.scatter_(1, lowest, False).view(score.shape)
+    return masks
+
+
+def sparsity_targets(names: Iterable[str], default: float,
+                     overrides: dict[str, float] | None = None,
+                     exclude: Iterable[str] = ()) -> dict[str, float]:
+    """A target sparsity per tensor name from fnmatch patterns.
+
+    A name matching any `exclude` pattern gets 0.0 (kept dense); otherwise the first pattern in
+    `overrides` (in insertion order, as written in params.yaml) that matches it gives its
+    target; an unmatched name gets `default`.
+    """
+    overrides = overrides or {}
+    exclude = tuple(exclude)
+    targets = {}
+    for name in names:
+        if any(fnmatchcase(name, pattern) for pattern in exclude):
+            targets[name] = 0.0
+            continue
+        targets[name] = next((target for pattern, target in overrides.items()
+                              if fnmatchcase(name, pattern)), default)
+    return targets
 
 
 def masks_for_threshold(scores: dict[str, torch.Tensor], tau: float) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 One backward pass per calibration block. For every prunable weight W the accumulators hold
 sum g, sum |g| and sum g^2 over blocks (fp32, whatever the compute dtype), and for every
-prunable Linear the sum of squared inputs per input channel over all tokens. Memory is the
-model, its gradients and these accumulators: nothing grows with the number of blocks.
+prunable Linear the sum of squared inputs per input channel over all tokens, and optionally
+(for SparseGPT) the sum of input outer products X^T X. Memory is the model, its gradients and
+these accumulators: nothing grows with the number of blocks.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-STAT_NAMES = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_norm")
+STAT_NAMES = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_norm", "hessian")
 
 
 def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
-                           bf16: bool) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+                           bf16: bool, hessian: bool = False,
+                           ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     """Statistics per Linear name, and the mean calibration loss.
 
     grad_mean is E[g] over blocks, which is the gradient of the mean calibration loss because
     every block has the same number of predicted tokens. act_norm is the L2 norm of each input
-    channel over all calibration tokens (Wanda's ||X_j||).
+    channel over all calibration tokens (Wanda's ||X_j||). With hessian=True, "hessian" is
+    X^T X / n_tokens, in_features x in_features in fp32: the layer-wise reconstruction Hessian
+    SparseGPT needs, up to a constant factor that its relative damping makes irrelevant. It is
+    taken from the dense model in one pass, not layer by layer from already-pruned inputs as
+    the SparseGPT reference does.
     """
     if len(blocks) == 0:
         raise ValueError("no calibration blocks")
@@ -38,11 +44,18 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
             for name, layer in linears.items()}
     act_sq = {name: torch.zeros(layer.in_features, dtype=torch.float32)
               for name, layer in linears.items()}
+    xtx = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float32)
+           for name, layer in linears.items()} if hessian else {}
+    tokens = dict.fromkeys(linears, 0)
 
     def recorder(name):
         def hook(module, inputs):
             x = inputs[0].detach().float()
-            act_sq[name] += x.reshape(-1, x.shape[-1]).square().sum(dim=0)
+            x = x.reshape(-1, x.shape[-1])
+            act_sq[name] += x.square().sum(dim=0)
+            tokens[name] += x.shape[0]
+            if hessian:
+                xtx[name].addmm_(x.T, x)
         return hook
 
     handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in linears.items()]
@@ -73,6 +86,8 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     for name in linears:
         stats[name] = {k: v / n for k, v in sums[name].items()}
         stats[name]["act_norm"] = act_sq[name].sqrt()
+        if hessian:
+            stats[name]["hessian"] = xtx[name] / tokens[name]
     return stats, total_loss / n
 
 
@@ -103,3 +118,19 @@ def load_stats(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         name, stat = key.rsplit(".", 1)
         stats.setdefault(name, {})[stat] = value
     return dict(sorted(stats.items()))
+
+
+def load_stats_info(path: str | Path) -> dict:
+    """What save_stats recorded beside the tensors (e.g. calibration_blocks, which gblm needs)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: gradient statistics missing; run the gradients stage")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["gradprune.stats"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ValueError(f"{path}: corrupt statistics ({err}); rerun the gradients stage") from None

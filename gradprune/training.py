@@ -1,23 +1,37 @@
 """One training loop for the dense model and for masked fine-tuning.
 
-AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast, periodic validation.
+AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast, gradient
+accumulation, periodic validation, optional early stopping, knowledge distillation and an
+exponential moving average of the weights.
+
 With masks, pruned weights stay exactly zero: their gradients are zeroed before the step and
 the weights are re-masked after it (AdamW's decoupled weight decay and its moment estimates
 could otherwise move them).
+
+Given a state folder, the loop saves everything it needs to continue (weights, AdamW moments,
+RNG, moving average, curve, early-stopping counters) at every validation, and resumes from the
+newest complete save: a run killed at any point and rerun ends bit-identical to one that was
+never interrupted. The step counter is the data position and the schedule position, since the
+batch order and the learning rate are pure functions of it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from gradprune.config import TrainParams
+if TYPE_CHECKING:  # config imports the evaluation modules, which import this one
+    from gradprune.config import TrainParams
+from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.masks import apply_masks
 
 log = logging.getLogger(__name__)
@@ -57,67 +71,262 @@ def mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int, bf16: boo
     return total / count
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over token positions.
+
+    The T^2 keeps the gradient's scale independent of T (Hinton et al., 2015).
+    """
+    vocab = student_logits.shape[-1]
+    student = nn.functional.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, -1)
+    teacher = nn.functional.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, -1)
+    kl = nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return kl * temperature ** 2
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Learn from a frozen teacher as well as from the data."""
+
+    teacher: nn.Module
+    temperature: float
+    weight: float
+
+    def mix(self, lm_loss: torch.Tensor, kd_loss: torch.Tensor) -> torch.Tensor:
+        return (1 - self.weight) * lm_loss + self.weight * kd_loss
+
+
+class MovingAverage:
+    """Exponential moving average of every parameter, in fp32, updated after each step.
+
+    train_lm starts it from the (masked) weights training starts from. Pruned weights are zero
+    then and after every step, so their average stays exactly zero: ema + (1 - decay) * (0 - ema)
+    with ema = 0.
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def start(self, model: nn.Module) -> None:
+        self.weights = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.weights[name].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def adamw(model: nn.Module, cfg: TrainParams) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms' gains or biases)."""
+    params = list(model.parameters())
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95))
+
+
 @dataclass
 class CurvePoint:
     step: int
-    train_loss: float
+    train_loss: float            # the LM loss, comparable with and without distillation
     val_loss: float | None
     lr: float
+    kd_loss: float | None = None
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step beyond the model and optimizer."""
+
+    step: int = 0
+    curve: list[CurvePoint] | None = None
+    best_val_loss: float | None = None
+    validations_since_best: int = 0
+    stopped_early: bool = False
 
 
 def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
              cfg: TrainParams, seed: int, bf16: bool,
              masks: dict[str, torch.Tensor] | None = None,
              validate_also_at: set[int] = frozenset(),
-             on_validation: Callable[[int, float], None] | None = None) -> list[CurvePoint]:
-    """Train in place for cfg.steps; validate every cfg.eval_every steps, at the steps in
+             on_validation: Callable[[int, float], None] | None = None, *,
+             grad_accum: int = 1, patience: int | None = None,
+             distillation: Distillation | None = None, ema: MovingAverage | None = None,
+             state_dir: Path | None = None) -> list[CurvePoint]:
+    """Train in place for cfg.steps optimizer steps of `grad_accum` micro-batches of
+    cfg.batch_size blocks; validate every cfg.eval_every steps, at the steps in
     `validate_also_at` and after the last.
 
     `on_validation(step, val_loss)` is called after each validation (steps count from 1), which
-    is where fine-tuning saves its checkpoints.
+    is where fine-tuning saves its checkpoints; the resumable state in `state_dir` is saved right
+    after it, so a resumed run never skips a checkpoint. With `patience`, training stops once
+    that many validations in a row brought no lower validation loss.
     """
     params = dict(model.named_parameters())
     masked = {params[f"{name}.weight"]: mask for name, mask in (masks or {}).items()}
     if masks:
         apply_masks(model, masks)
-    decay = [p for n, p in params.items() if p.ndim >= 2]
-    no_decay = [p for n, p in params.items() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    order = batch_order(len(train_blocks), cfg.batch_size, cfg.steps, seed)
+    optimizer = adamw(model, cfg)
+    order = batch_order(len(train_blocks), cfg.batch_size, cfg.steps * grad_accum, seed)
+    order = order.view(cfg.steps, grad_accum, cfg.batch_size)
     val = val_blocks[: cfg.eval_blocks]
-    curve: list[CurvePoint] = []
-    started = time.perf_counter()
-    for step in range(cfg.steps):
+
+    progress = _Progress(curve=[])
+    if state_dir is not None:
+        progress = load_train_state(state_dir, model, optimizer, ema) or progress
+    if progress.step == 0:
+        torch.manual_seed(seed)
+        if ema is not None:
+            ema.start(model)
+    if distillation is not None:
+        distillation.teacher.eval()
+    curve = progress.curve
+    started, first = time.perf_counter(), progress.step
+    for step in range(progress.step, cfg.steps):
+        if progress.stopped_early:
+            break
         model.train()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = train_blocks[order[step]]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the "
-                                     "learning rate or check the data")
-        loss.backward()
+        lm_total, kd_total = 0.0, 0.0
+        for indices in order[step]:
+            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[indices], bf16,
+                                                   distillation, step, indices, state_dir)
+            loss = lm_loss if kd_loss is None else distillation.mix(lm_loss, kd_loss)
+            (loss / grad_accum).backward()
+            lm_total += lm_loss.item() / grad_accum
+            if kd_loss is not None:
+                kd_total += kd_loss.item() / grad_accum
         for p, mask in masked.items():
             p.grad.mul_(mask)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(norm):
+            raise FloatingPointError(_divergence("gradient norm", norm.item(), step,
+                                                 order[step].reshape(-1), state_dir))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if masked:
             with torch.no_grad():
                 for p, mask in masked.items():
                     p.mul_(mask)
+        if ema is not None:
+            ema.update(model)
         done = step + 1
         val_loss = None
         if done % cfg.eval_every == 0 or done == cfg.steps or done in validate_also_at:
             val_loss = mean_loss(model, val, cfg.batch_size, bf16)
-            tokens_per_s = done * batch.numel() / (time.perf_counter() - started)
+            tokens_per_s = ((done - first) * order[step].numel() * train_blocks.shape[1]
+                            / (time.perf_counter() - started))
             log.info("step %d/%d  train loss %.4f  val loss %.4f  lr %.2e  %.0f tokens/s",
-                     done, cfg.steps, loss.item(), val_loss, lr, tokens_per_s)
+                     done, cfg.steps, lm_total, val_loss, lr, tokens_per_s)
+            _track_early_stopping(progress, val_loss, patience, done)
+        curve.append(CurvePoint(done, lm_total, val_loss, lr,
+                                kd_total if distillation is not None else None))
+        progress.step = done
+        if val_loss is not None:
             if on_validation is not None:
                 on_validation(done, val_loss)
-        curve.append(CurvePoint(done, loss.item(), val_loss, lr))
+            if state_dir is not None:
+                save_train_state(state_dir, progress, model, optimizer, ema)
     return curve
+
+
+def _micro_batch_losses(model, batch, bf16, distillation, step, indices, state_dir):
+    """The LM loss, and the distillation loss when distilling."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(input_ids=batch, labels=batch)
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(_divergence("loss", out.loss.item(), step, indices, state_dir))
+    if distillation is None:
+        return out.loss, None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        teacher_logits = distillation.teacher(input_ids=batch).logits
+    kd_loss = distillation_loss(out.logits, teacher_logits, distillation.temperature)
+    if not torch.isfinite(kd_loss):
+        raise FloatingPointError(_divergence("distillation loss", kd_loss.item(), step, indices,
+                                             state_dir))
+    return out.loss, kd_loss
+
+
+def _divergence(what: str, value: float, step: int, indices: torch.Tensor,
+                state_dir: Path | None) -> str:
+    kept = ""
+    if state_dir is not None and (saved := _newest_state(state_dir)) is not None:
+        kept = f"; the last good state ({saved.name}) is kept in {state_dir}"
+    return (f"{what} is {value} at step {step + 1}, batch of blocks {indices.tolist()}{kept}; "
+            "lower the learning rate or check those blocks")
+
+
+def _track_early_stopping(progress: _Progress, val_loss: float, patience: int | None,
+                          step: int) -> None:
+    if progress.best_val_loss is None or val_loss < progress.best_val_loss:
+        progress.best_val_loss, progress.validations_since_best = val_loss, 0
+        return
+    progress.validations_since_best += 1
+    if patience is not None and progress.validations_since_best >= patience:
+        log.info("step %d: no lower validation loss in %d validations; stopping early",
+                 step, patience)
+        progress.stopped_early = True
+
+
+# --- resumable state: safetensors for tensors, JSON for counters, never pickle --------------
+
+def _newest_state(state_dir: Path) -> Path | None:
+    saves = sorted(Path(state_dir).glob("step-*"))
+    return saves[-1] if saves else None
+
+
+def save_train_state(state_dir: Path, progress: _Progress, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, ema: MovingAverage | None) -> None:
+    """Write `state_dir/step-NNNNNN` whole (temporary folder, then rename), then delete the
+    older saves: a kill at any moment leaves at least one complete save."""
+    from safetensors.torch import save_file
+
+    optim = optimizer.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.named_parameters()}
+    tensors.update({f"optimizer.{index}.{k}": v for index, entry in optim["state"].items()
+                    for k, v in entry.items()})
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.weights.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {**asdict(progress), "param_groups": optim["param_groups"]}
+    state_dir = Path(state_dir)
+    target = state_dir / f"step-{progress.step:06d}"
+    with atomic_dir(target) as tmp:
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for older in state_dir.glob("step-*"):
+        if older != target:
+            shutil.rmtree(older)
+
+
+def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     ema: MovingAverage | None) -> _Progress | None:
+    """Restore the newest complete save in `state_dir`, if any, into model, optimizer, moving
+    average and the torch RNG; returns the loop's progress."""
+    from safetensors.torch import load_file
+
+    remove_stale_temporaries(state_dir)
+    saved = _newest_state(state_dir)
+    if saved is None:
+        return None
+    tensors = load_file(str(saved / "tensors.safetensors"))
+    meta = json.loads((saved / "state.json").read_text())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[f"model.{name}"])
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta.pop("param_groups")]
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    if ema is not None:
+        ema.weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    torch.set_rng_state(tensors["rng.torch"])
+    meta["curve"] = [CurvePoint(**p) for p in meta["curve"]]
+    log.info("resuming from step %d (%s)", meta["step"], saved)
+    return _Progress(**meta)

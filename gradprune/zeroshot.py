@@ -227,8 +227,10 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
             logits = model(input_ids=ids.to(device)).logits
         log_probs = logits.float().log_softmax(-1).cpu()
         for row, i in enumerate(batch):
-            target = torch.tensor(encoded[i][1])
             end = len(inputs[row])
+            # A continuation longer than the model's window keeps only the tokens the window
+            # can predict (the harness mis-slices this case; it arises only for tiny contexts).
+            target = torch.tensor(encoded[i][1][-end:])
             scored = log_probs[row, end - len(target):end]
             total = scored.gather(1, target[:, None]).sum().item()
             results[i] = (total, bool((scored.argmax(-1) == target).all()))

@@ -1,45 +1,88 @@
-"""average: merge the fine-tuning checkpoints by their validation losses, re-mask, save."""
+"""average: merge the fine-tuning checkpoints, re-mask, measure, save and register.
+
+uniform, val_weighted and greedy merge every checkpoint of every run; ema merges the runs'
+moving averages; swa the checkpoints in the last average.swa_fraction of each run. Every merge
+is re-masked, so no method revives a pruned weight, and its validation loss is measured as
+finetune measured its checkpoints', so the two compare.
+"""
 
 from __future__ import annotations
 
-from gradprune.averaging import average_checkpoints, checkpoint_weights
-from gradprune.config import Params
-from gradprune.data import load_tokenizer
+from dataclasses import asdict
+from pathlib import Path
+
+from gradprune.averaging import checkpoint_weights, greedy_soup, merge, swa_weights
+from gradprune.config import AverageParams, Params
+from gradprune.data import load_tokenizer, read_blocks
 from gradprune.io import atomic_dir, read_json, write_json
-from gradprune.masks import apply_masks, load_masks
-from gradprune.model import load_model
+from gradprune.pruning import load_pruned_model
+from gradprune.sparse_export import save_sparse, sparse_size_report
+from gradprune.training import mean_loss
 from tasks.common import DATA, Stage, stage_main
 
 OUT = DATA / "average"
 FINETUNED = DATA / "finetune"
+DENSE = DATA / "train" / "model"
 
 
-def run(params: Params, stage: Stage) -> dict:
-    cfg = params.average
-    checkpoints = read_json(FINETUNED / "checkpoints.json")["checkpoints"]
-    masks = load_masks(DATA / "masks" / "masks.safetensors")
-    losses = [c["val_loss"] for c in checkpoints]
-    weights = checkpoint_weights(losses, cfg.method, cfg.temperature)
-    merged = average_checkpoints([FINETUNED / c["file"] for c in checkpoints], weights)
-
-    model = load_model(DATA / "train" / "model")
-    missing, unexpected = model.load_state_dict(merged, strict=False)
+def load_state(model, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or set(missing) - tied:
         raise ValueError(f"{FINETUNED}: checkpoints do not match the model "
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-    apply_masks(model, masks)
 
-    used = [{**c, "weight": w} for c, w in zip(checkpoints, weights)]
+
+def weights_for(cfg: AverageParams, candidates: list[dict], paths: list[Path],
+                run_ends: dict[int, int], masks: dict, val_loss_of) -> list[float]:
+    losses = [c["val_loss"] for c in candidates]
+    if cfg.method == "greedy":
+        return greedy_soup(paths, losses, masks, val_loss_of)[0]
+    if cfg.method == "swa":
+        return swa_weights([c["step"] for c in candidates],
+                           [run_ends[c["run"]] for c in candidates], cfg.swa_fraction)
+    if cfg.method == "ema":
+        return checkpoint_weights(losses, "uniform", cfg.temperature)
+    return checkpoint_weights(losses, cfg.method, cfg.temperature)
+
+
+def run(params: Params, stage: Stage) -> dict:
+    cfg = params.average
+    record = read_json(FINETUNED / "checkpoints.json")
+    measured = record["validation"]
+    val_blocks = read_blocks(DATA / "prepare" / "val.parquet")[: measured["blocks"]]
+    # The pruned model's shape (smaller when structured) and the masks every merge keeps.
+    model, masks = load_pruned_model(DENSE, DATA / "masks")
+
+    def val_loss_of(state: dict) -> float:
+        load_state(model, state)
+        return mean_loss(model, val_blocks, measured["batch_size"], measured["bf16"])
+
+    candidates = record["ema"] if cfg.method == "ema" else record["checkpoints"]
+    paths = [FINETUNED / c["file"] for c in candidates]
+    weights = weights_for(cfg, candidates, paths, {r["run"]: r["steps"] for r in record["runs"]},
+                          masks, val_loss_of)
+    # Measuring the merge leaves it in `model`, which is what gets saved.
+    merged_val_loss = val_loss_of(merge(paths, weights, masks))
+    best = min(record["checkpoints"], key=lambda c: c["val_loss"])
+
+    used = [{**c, "weight": w} for c, w in zip(candidates, weights)]
     with atomic_dir(OUT) as out:
         model.save_pretrained(out / "model")
-        load_tokenizer(DATA / "train" / "model").save_pretrained(out / "model")
-        write_json(out / "weights.json", {"method": cfg.method, "temperature": cfg.temperature,
-                                          "checkpoints": used})
+        load_tokenizer(DENSE).save_pretrained(out / "model")
+        # Beside the dense HF export, the same weights as bitmask + non-zero values.
+        save_sparse(model.state_dict(), out / "model.sparse.safetensors", masks=masks)
+        write_json(out / "weights.json", {
+            "method": cfg.method, "params": asdict(cfg), "checkpoints": used,
+            "merged_val_loss": merged_val_loss, "best_checkpoint": best,
+            "best_checkpoint_val_loss": best["val_loss"]})
     stage.log_artifact(OUT / "weights.json", "average")
     version = stage.register_model(OUT / "model")
-    return {"method": cfg.method, "checkpoints": len(used),
-            "max_weight": max(weights), "registered_version": version}
+    return {"method": cfg.method, "checkpoints": sum(w > 0 for w in weights),
+            "candidates": len(used), "max_weight": max(weights),
+            "merged_val_loss": merged_val_loss, "best_checkpoint_val_loss": best["val_loss"],
+            "registered_version": version,
+            "sparse_export_ratio": sparse_size_report(OUT / "model.sparse.safetensors")["ratio"]}
 
 
 if __name__ == "__main__":

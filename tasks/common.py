@@ -14,6 +14,7 @@ holding the identity of the `dvc` process that launched them, so every stage of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import resource
@@ -37,10 +38,18 @@ EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, Float
 
 
 def stage_params_keys(stage: str, dvc_file: Path = Path("dvc.yaml")) -> list[str]:
-    """The params keys dvc.yaml declares for `stage`: what this stage's nested run records."""
+    """The params keys dvc.yaml declares for `stage` (`group@item` reads `group`): what this
+    stage's nested run records."""
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
-    return [k for entry in stages[stage].get("params", []) for k in
+    return [k for entry in stages[stage.split("@")[0]].get("params", []) for k in
             (entry if isinstance(entry, dict) else [entry])]
+
+
+def params_value(params: Params, dotted: str):
+    value = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _dvc_ancestor() -> str | None:
@@ -66,6 +75,7 @@ class Stage:
         self.name = name
         self.params = params
         self.run_id: str | None = None
+        self.args: argparse.Namespace | None = None
         self._mlflow = None
 
     def write_plot(self, name: str, rows: list[dict]) -> Path:
@@ -102,6 +112,20 @@ class Stage:
         return int(version.version)
 
 
+def test_tokens(params: Params):
+    """The test split as one token stream, cut to evaluate.max_tokens."""
+    from gradprune.data import read_blocks
+
+    tokens = read_blocks(DATA / "prepare" / "test.parquet").reshape(-1)
+    return tokens if params.evaluate.max_tokens is None else tokens[: params.evaluate.max_tokens]
+
+
+def perplexity_window(params: Params) -> tuple[int, int]:
+    """(context, stride) of sliding-window perplexity: the evaluate params or their defaults."""
+    context = params.evaluate.context or params.data.block_size
+    return context, params.evaluate.stride or max(1, context // 2)
+
+
 def _tracking_uri(params: Params, root: Path) -> str:
     return (params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{root.resolve() / 'mlflow.db'}")
@@ -130,8 +154,7 @@ def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
         tags["gradprune.overrides"] = ", ".join(f"{k}={v}" for k, v in overrides.items())
     parent = client.create_run(experiment_id, tags=tags,
                                run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    flat = {k: v for section in ("seed", "data", "model", "train", "gradients", "masks",
-                                 "finetune", "average", "evaluate")
+    flat = {k: v for section in (f.name for f in dataclasses.fields(params) if f.name != "mlflow")
             for k, v in section_dict(params, section).items()}
     flat.update({f"override.{k}": v for k, v in (overrides or {}).items()})
     for k, v in flat.items():
@@ -169,10 +192,18 @@ def quiet_progress_bars() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
+def stage_main(name: str, run: Callable[[Params, Stage], dict],
+               arguments: dict[str, dict] | None = None) -> None:
+    """Run a stage. `arguments` adds command-line options ({"--criterion": {...}}); a stage
+    with arguments is a matrix item named `name@<values joined by ->` (compare@gradient-2:4)."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    for flag, options in (arguments or {}).items():
+        parser.add_argument(flag, **options)
     args = parser.parse_args()
+    if arguments:
+        name = f"{name}@" + "-".join(str(getattr(args, f.lstrip("-").replace("-", "_")))
+                                      for f in arguments)
     try:
         params = load_params(args.params)
     except (ParamError, FileNotFoundError) as err:
@@ -184,7 +215,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
     handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
     logging.getLogger("gradprune").addHandler(handler)
     logging.getLogger("gradprune").setLevel(logging.INFO)
-    for folder in (DATA, METRICS, PLOTS):
+    for folder in (DATA, METRICS, METRICS / name.split("@")[0], PLOTS):
         remove_stale_temporaries(folder)
     experiment_id = configure_tracking(params)
     import mlflow
@@ -192,6 +223,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
 
     parent_id = _parent_run_for_stage(params, experiment_id)
     stage = Stage(name, params)
+    stage.args = args
     stage._mlflow = mlflow
     started = time.perf_counter()
     with mlflow.start_run(run_name=name, parent_run_id=parent_id,
@@ -200,7 +232,10 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
         stage.run_id = active.info.run_id
         flat = {}
         for key in stage_params_keys(name):
-            flat.update(section_dict(params, key))
+            if "." in key:
+                flat[key] = params_value(params, key)
+            else:
+                flat.update(section_dict(params, key))
         mlflow.log_params(flat)
         try:
             metrics = run(params, stage)
@@ -216,7 +251,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict]) -> None:
             raise
         metrics["seconds"] = round(time.perf_counter() - started, 2)
         metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        path = METRICS / f"{name}.json"
+        path = METRICS / f"{name.replace('@', '/')}.json"
         write_json(path, metrics)
         mlflow.log_metrics({k: float(v) for k, v in _flatten(metrics).items()})
         mlflow.log_artifact(str(path), "metrics")

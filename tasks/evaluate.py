@@ -1,148 +1,287 @@
-"""evaluate: test perplexity and size of every model the pipeline made, plus plots and a report."""
+"""evaluate: what pruning won and lost, for every model the pipeline made.
+
+Rows: the dense model, the pruned model before fine-tuning, the last fine-tuning checkpoint,
+the averaged final model, and one row per compared criterion x pattern (perplexity only, from
+the compare stages). Columns: sliding-window test perplexity, zero-shot accuracy (acc and
+acc_norm, scored as lm-evaluation-harness scores them) per task, sparsity, parameters, bytes of
+the dense and the sparse export, prefill and decode tokens/s. Writes metrics.json (DVC metrics),
+plots (DVC plots) and report.md / report.html.
+"""
 
 from __future__ import annotations
 
-import math
+import base64
+import html
+import statistics
+import tempfile
+from pathlib import Path
 
 import torch
 
 from gradprune.config import Params
-from gradprune.data import read_blocks
-from gradprune.evaluation import parameter_counts, perplexity
+from gradprune.data import load_tokenizer
+from gradprune.evaluation import parameter_counts, sliding_window_perplexity
 from gradprune.io import atomic_dir, read_json
-from gradprune.masks import apply_masks, load_masks
+from gradprune.masks import load_masks
 from gradprune.model import bf16_enabled, load_model
-from tasks.common import DATA, PLOTS, Stage, stage_main
+from gradprune.pruning import MASKS_FILE, load_pruned_model, prunable_sparsity
+from gradprune.sparse_export import save_sparse, sparse_size_report
+from gradprune.speed import measure_speed, sparse_kernel_speed
+from gradprune.zeroshot import evaluate_task
+from tasks.common import DATA, METRICS, PLOTS, Stage, perplexity_window, stage_main, test_tokens
 
 OUT = DATA / "evaluate"
+DENSE = DATA / "train" / "model"
+MASKS = DATA / "masks"
 
 
-def prunable_sparsity(model: torch.nn.Module, names: list[str]) -> float:
-    modules = dict(model.named_modules())
-    total = sum(modules[n].weight.numel() for n in names)
-    zeros = sum(int((modules[n].weight == 0).sum()) for n in names)
-    return zeros / total
+def pipeline_models() -> dict:
+    """Factories for the models the pipeline made, in the order the report lists them."""
+    from safetensors.torch import load_model as load_weights_into
+
+    last = read_json(DATA / "finetune" / "checkpoints.json")["checkpoints"][-1]
+
+    def last_checkpoint():
+        model, _ = load_pruned_model(DENSE, MASKS)
+        load_weights_into(model, str(DATA / "finetune" / last["file"]), strict=False)
+        return model
+
+    return {
+        "dense": lambda: load_model(DENSE),
+        "pruned": lambda: load_pruned_model(DENSE, MASKS)[0],
+        "finetuned_last": last_checkpoint,
+        "averaged": lambda: load_model(DATA / "average" / "model"),
+    }
+
+
+def export_bytes(model: torch.nn.Module) -> dict:
+    """Bytes of the model as a dense safetensors file and as a sparse export."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dense, sparse = Path(tmp) / "dense.safetensors", Path(tmp) / "sparse.safetensors"
+        save_model(model, str(dense))
+        state = {k: v for k, v in model.state_dict().items()}
+        # Tied weights appear under two names; the exports store each tensor once.
+        unique = {}
+        for key, value in state.items():
+            if not any(value is seen for seen in unique.values()):
+                unique[key] = value
+        save_sparse(unique, sparse)
+        report = sparse_size_report(sparse)
+        return {"dense_export": dense.stat().st_size, "sparse_export": sparse.stat().st_size,
+                "sparse_tensors_ratio": report["sparse_tensors"]["ratio"]}
 
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.evaluate
-    test = read_blocks(DATA / "prepare" / "test.parquet")
-    if cfg.max_blocks is not None:
-        test = test[: cfg.max_blocks]
-    masks = load_masks(DATA / "masks" / "masks.safetensors")
-    checkpoints = read_json(DATA / "finetune" / "checkpoints.json")["checkpoints"]
-    last = checkpoints[-1]
     bf16 = bf16_enabled(cfg.bf16)
+    tokenizer = load_tokenizer(DENSE)
+    context, stride = perplexity_window(params)
+    streams = {"test": test_tokens(params)}
+    for path in cfg.extra_texts:
+        ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
+        streams[Path(path).stem] = torch.tensor(ids)
+    dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
-    def dense():
-        return load_model(DATA / "train" / "model")
-
-    def pruned():
-        model = dense()
-        apply_masks(model, masks)
-        return model
-
-    def last_checkpoint():
-        from safetensors.torch import load_model as load_into
-        model = dense()
-        load_into(model, str(DATA / "finetune" / last["file"]), strict=False)
-        return model
-
-    models = {
-        "dense": (dense, DATA / "train" / "model" / "model.safetensors"),
-        "pruned": (pruned, None),
-        "finetuned_last": (last_checkpoint, DATA / "finetune" / last["file"]),
-        "averaged": (lambda: load_model(DATA / "average" / "model"),
-                     DATA / "average" / "model" / "model.safetensors"),
-    }
-    results = {}
-    for name, (make, file) in models.items():
+    factories = pipeline_models()
+    rows: dict[str, dict] = {}
+    for name, make in factories.items():
         model = make()
-        ppl = perplexity(model, test, cfg.batch_size, bf16)
-        results[name] = {
-            "test_perplexity": ppl,
-            "test_loss": math.log(ppl),
-            "sparsity": prunable_sparsity(model, list(masks)),
-            **parameter_counts(model),
-            "checkpoint_bytes": file.stat().st_size if file else None,
-        }
+        row = {f"perplexity_{s}": sliding_window_perplexity(
+                   model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
+               for s, ids in streams.items()}
+        row["tasks"] = {task: evaluate_task(model, tokenizer, task,
+                                            cfg.task_limits.get(task, cfg.limit),
+                                            cfg.batch_size, bf16) for task in cfg.tasks}
+        if row["tasks"]:
+            row["average_acc"] = statistics.mean(t["acc"] for t in row["tasks"].values())
+            row["average_acc_norm"] = statistics.mean(t["acc_norm"] for t in row["tasks"].values())
+        row["sparsity"] = prunable_sparsity(model, dense_shapes)
+        row.update(parameter_counts(model))
+        row["bytes"] = export_bytes(model)
+        rows[name] = row
         del model
 
-    mask_report = read_json(DATA / "masks" / "masks.json")
-    layer_rows = [{"layer": row["name"], "sparsity": row["sparsity"]}
-                  for row in mask_report["layers"]]
-    train_curve = read_json(PLOTS / "train_curve.json")
-    finetune_curve = read_json(PLOTS / "finetune_curve.json")
+    speed = {}
+    if cfg.speed.enabled:
+        s = cfg.speed
+        speed = measure_speed(factories, len(tokenizer), s.prompt_len, s.new_tokens,
+                              tuple(s.batch_sizes), s.repeats, bf16)
+        masked = load_pruned_model(DENSE, MASKS)
+        name, mask = next(iter(masked[1].items())) if masked[1] else (None, None)
+        if name is not None:
+            weight = dict(masked[0].named_modules())[name].weight
+            speed["sparse_kernel"] = {"module": name,
+                                      **sparse_kernel_speed(weight, s.sparse_kernel_tokens,
+                                                            s.repeats)}
+    compared = [read_json(p) for p in sorted((METRICS / "compare").glob("*.json"))]
 
+    layer_rows = [{"layer": r["name"], "sparsity": r["sparsity"]}
+                  for r in read_json(MASKS / "masks.json")["layers"]]
     with atomic_dir(OUT) as out:
-        _plot_curves(out / "loss_curve.png", train_curve, finetune_curve)
-        _plot_layers(out / "layer_sparsity.png", layer_rows)
-        (out / "report.md").write_text(_report(params, results, test))
+        plots = {
+            "loss_curve.png": _plot_curves(out / "loss_curve.png",
+                                           read_json(PLOTS / "train_curve.json"),
+                                           read_json(PLOTS / "finetune_curve.json")),
+            "layer_sparsity.png": _plot_layers(out / "layer_sparsity.png", layer_rows),
+            "accuracy_vs_sparsity.png": _plot_accuracy(out / "accuracy_vs_sparsity.png", rows),
+        }
+        table = _table(params, rows, compared, speed)
+        (out / "report.md").write_text(_markdown(params, context, stride, table, speed))
+        (out / "report.html").write_text(_html(params, context, stride, table, speed,
+                                               {k: out / k for k, v in plots.items() if v}))
     stage.write_plot("layer_sparsity", layer_rows)
     stage.log_artifacts(OUT, "report")
     return {
-        "context_length": int(test.shape[1]),
-        "test_blocks": len(test),
-        "test_tokens_scored": int(test[:, 1:].numel()),
+        "context": context,
+        "stride": stride,
+        "test_tokens_scored": len(streams["test"]) - 1,
+        "tasks": list(cfg.tasks),
+        "limit": cfg.limit,
+        "bf16": bf16,
         "criterion": params.masks.criterion,
+        "pattern": params.masks.pattern,
         "sparsity_asked": params.masks.sparsity,
-        "models": results,
+        "models": rows,
+        "compare": {f"{c['criterion']}-{c['pattern']}": c for c in compared},
+        "speed": speed,
     }
 
 
-def _report(params: Params, results: dict, test: torch.Tensor) -> str:
-    lines = [
-        "# gradprune evaluation",
-        "",
-        f"Criterion `{params.masks.criterion}`, sparsity asked {params.masks.sparsity} "
-        f"(tau {params.masks.tau}, scope {params.masks.scope}), averaging "
-        f"`{params.average.method}`. Test perplexity over {len(test)} non-overlapping blocks of "
-        f"{test.shape[1]} tokens.",
-        "",
-        "| model | test perplexity | sparsity (prunable) | parameters | non-zero | checkpoint MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+def _table(params: Params, rows: dict, compared: list[dict], speed: dict) -> tuple[list, list]:
+    """Header and rows of the report's one table (strings)."""
+    tasks = list(params.evaluate.tasks)
+    header = ["model", "test ppl", *[f"{t} acc/acc_n" for t in tasks], "avg acc", "sparsity",
+              "params", "non-zero", "dense MB", "sparse MB", "decode tok/s (b1)"]
+    body = []
+    for name, r in rows.items():
+        decode = speed.get(name, {}).get("batch_1", {}).get("decode_tokens_per_s")
+        body.append([
+            name, f"{r['perplexity_test']:.2f}",
+            *[f"{r['tasks'][t]['acc']:.3f}/{r['tasks'][t]['acc_norm']:.3f}" for t in tasks],
+            f"{r['average_acc']:.3f}" if tasks else "-", f"{r['sparsity']:.3f}",
+            f"{r['parameters']:,}", f"{r['nonzero']:,}",
+            f"{r['bytes']['dense_export'] / 1e6:.1f}", f"{r['bytes']['sparse_export'] / 1e6:.1f}",
+            f"{decode:.0f}" if decode else "-"])
+    for c in compared:
+        body.append([f"{c['criterion']} {c['pattern']} (no fine-tuning)",
+                     f"{c['test_perplexity']:.2f}", *["-"] * len(tasks), "-",
+                     f"{c['sparsity']:.3f}", f"{c['parameters']:,}", f"{c['nonzero']:,}",
+                     "-", "-", "-"])
+    return header, body
+
+
+def _caption(params: Params, context: int, stride: int) -> list[str]:
+    m = params.masks
+    tasks = params.evaluate
+    return [
+        f"Criterion `{m.criterion}` ({m.variant}), pattern `{m.pattern}`, sparsity asked "
+        f"{m.sparsity} (tau {m.tau}, scope {m.scope}); fine-tuning merged by "
+        f"`{params.average.method}`.",
+        f"Perplexity: sliding windows of {context} tokens, stride {stride}, over the first "
+        f"{tasks.max_tokens or 'all'} test tokens. Zero-shot: first {tasks.limit or 'all'} "
+        "questions per task (validation splits), acc / acc_norm as lm-evaluation-harness "
+        "computes them. Sparsity is over the prunable Linears; dense/sparse MB are the sizes of "
+        "a plain safetensors export and of the bitmask + values export.",
     ]
-    for name, r in results.items():
-        size = f"{r['checkpoint_bytes'] / 1e6:.1f}" if r["checkpoint_bytes"] else "-"
-        lines.append(f"| {name} | {r['test_perplexity']:.2f} | {r['sparsity']:.4f} | "
-                     f"{r['parameters']:,} | {r['nonzero']:,} | {size} |")
+
+
+def _speed_notes(speed: dict) -> list[str]:
+    kernel = speed.get("sparse_kernel")
+    if not kernel:
+        return []
+    return [
+        "Unstructured and N:M masks leave the matrices their original shape, so dense kernels "
+        f"run them no faster: a masked {kernel['module']} ({kernel['density']:.0%} dense) ran "
+        f"{kernel['dense_zeros_speedup']:.2f}x as fast as a fully dense one, and torch's CSR "
+        f"kernel (torch.sparse.mm) {kernel['csr_speedup']:.3g}x. Only structured pruning "
+        "makes the model itself smaller and faster.",
+    ]
+
+
+def _markdown(params, context, stride, table, speed) -> str:
+    header, body = table
+    lines = ["# gradprune evaluation", "", *_caption(params, context, stride), "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", *_speed_notes(speed)]
     return "\n".join(lines) + "\n"
 
 
-def _plot_curves(path, train_curve: list[dict], finetune_curve: list[dict]) -> None:
+def _html(params, context, stride, table, speed, images: dict[str, Path]) -> str:
+    header, body = table
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in body)
+    figures = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(name)}'
+        "</figcaption></figure>" for name, path in images.items())
+    text = "".join(f"<p>{html.escape(p)}</p>" for p in
+                   _caption(params, context, stride) + _speed_notes(speed))
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>gradprune evaluation"
+            "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:"
+            "collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            "td:first-child{text-align:left}img{max-width:100%}</style></head><body>"
+            f"<h1>gradprune evaluation</h1>{text}<table><tr>{cells}</tr>{rows}</table>"
+            f"{figures}</body></html>\n")
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = train_curve[-1]["step"]
-    for curve, label, shift in ((train_curve, "train", 0), (finetune_curve, "finetune", offset)):
-        ax.plot([p["step"] + shift for p in curve], [p["train_loss"] for p in curve],
-                alpha=0.4, label=f"{label} (train batches)")
-        points = [p for p in curve if p["val_loss"] is not None]
-        ax.plot([p["step"] + shift for p in points], [p["val_loss"] for p in points], "o-",
-                label=f"{label} (validation)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+
+def _save(fig, path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    _pyplot().close(fig)
+    return True
 
 
-def _plot_layers(path, rows: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot_curves(path, train_curve: list[dict], finetune_curve: list[dict]) -> bool:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = train_curve[-1]["step"]
+    points = [p for p in train_curve if p["val_loss"] is not None]
+    ax.plot([p["step"] for p in points], [p["val_loss"] for p in points], "o-",
+            label="dense training")
+    for run in sorted({p.get("run", 0) for p in finetune_curve}):
+        points = [p for p in finetune_curve if p.get("run", 0) == run and p["val_loss"] is not None]
+        ax.plot([p["step"] + offset for p in points], [p["val_loss"] for p in points], "o-",
+                label=f"fine-tuning run {run}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.legend()
+    return _save(fig, path)
 
+
+def _plot_layers(path, rows: list[dict]) -> bool:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(rows))))
     ax.barh([r["layer"] for r in rows], [r["sparsity"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("sparsity")
     ax.tick_params(axis="y", labelsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    return _save(fig, path)
+
+
+def _plot_accuracy(path, rows: dict) -> bool:
+    points = [(r["sparsity"], r["average_acc"], name) for name, r in rows.items()
+              if "average_acc" in r]
+    if len({round(s, 6) for s, _, _ in points}) < 2:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sparsity, acc, name in points:
+        ax.scatter(sparsity, acc)
+        ax.annotate(name, (sparsity, acc), fontsize=8)
+    ax.set_xlabel("sparsity of the prunable Linears")
+    ax.set_ylabel("average zero-shot accuracy")
+    return _save(fig, path)
 
 
 if __name__ == "__main__":

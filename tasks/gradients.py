@@ -34,7 +34,7 @@ def run(params: Params, stage: Stage) -> dict:
     bf16 = bf16_enabled(cfg.bf16)
 
     started = time.perf_counter()
-    stats, loss = collect_gradient_stats(model, linears, blocks, bf16)
+    stats, loss = collect_gradient_stats(model, linears, blocks, bf16, hessian=cfg.hessian)
     seconds = time.perf_counter() - started
 
     with atomic_dir(OUT) as out:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_PARAMS = ROOT / "tests" / "micro_params.yaml"
@@ -36,7 +37,24 @@ def run_env(tmp_home: Path) -> dict[str, str]:
     return env
 
 
-def make_micro_repo(folder: Path, params: Path = MICRO_PARAMS) -> Path:
+def deep_merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and value:
+            merged[key] = deep_merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def micro_params() -> dict:
+    """The repository's params.yaml with tests/micro_params.yaml laid over it: every key that
+    dvc.yaml names is present, as DVC requires."""
+    return deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                      yaml.safe_load(MICRO_PARAMS.read_text()))
+
+
+def make_micro_repo(folder: Path, overrides: dict | None = None) -> Path:
     """A git + DVC repository holding the pipeline code and the micro params."""
     folder.mkdir(parents=True)
     for name in ("gradprune", "tasks", "flows"):
@@ -44,7 +62,8 @@ def make_micro_repo(folder: Path, params: Path = MICRO_PARAMS) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, folder / name)
-    shutil.copy(params, folder / "params.yaml")
+    (folder / "params.yaml").write_text(yaml.safe_dump(deep_merge(micro_params(),
+                                                                   overrides or {})))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=folder, check=True)

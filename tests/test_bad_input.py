@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MICRO_PARAMS, ROOT
+from conftest import ROOT, micro_params
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def write_params(folder: Path, **sections) -> Path:
-    params = yaml.safe_load(MICRO_PARAMS.read_text())
+    params = micro_params()
     for section, values in sections.items():
         if isinstance(values, dict):
             params.setdefault(section, {}).update(values)
@@ -53,8 +53,10 @@ def assert_nothing_written(folder: Path) -> None:
     ({"sparsity": 1.0}, "masks.sparsity: must be in [0, 1)"),
     ({"sparsity": -0.1}, "masks.sparsity: must be in [0, 1)"),
     ({"tau": 0.001, "sparsity": 0.5}, "set exactly one of masks.tau and masks.sparsity"),
-    ({"criterion": "wandaa"}, "masks.criterion: got 'wandaa'; allowed: 'gradient', 'magnitude', 'taylor'"),
-    ({"scope": "row"}, "masks.scope: got 'row'; allowed: 'global', 'per_layer'"),
+    ({"criterion": "wandaa"}, "masks.criterion: got 'wandaa'; allowed: 'gradient', 'taylor', "
+                              "'fisher', 'magnitude', 'wanda', 'gblm', 'random', 'sparsegpt'"),
+    ({"scope": "row"}, "masks.scope: got 'row'; allowed: 'global', 'per_layer', 'per_row'"),
+    ({"pattern": "2:4", "sparsity": 0.7}, "masks.sparsity: pattern 2:4 keeps 2 of every 4"),
 ])
 def test_bad_mask_params_name_the_key(workdir, monkeypatch, capsys, masks, expected):
     code = run_prepare(monkeypatch, write_params(workdir, masks=masks))

@@ -33,7 +33,8 @@ def test_repo_params_yaml_loads():
     assert params.seed == 1234
     assert params.masks.sparsity == 0.5 and params.masks.tau is None
     assert params.gradients.include == ("model.layers.*",)
-    assert params.evaluate.bf16 == "off"
+    assert params.evaluate.bf16 == "auto"
+    assert params.compare.patterns == ("unstructured", "2:4")  # YAML 1.2: "2:4" is a string
     assert isinstance(params.model.rope_theta, float)
 
 
@@ -73,8 +74,9 @@ def _error(raw: dict) -> ParamError:
     ({"masks": {"tau": None, "sparsity": None}}, "masks.tau",
      "set exactly one of masks.tau and masks.sparsity"),
     ({"masks": {"tau": -1.0, "sparsity": None}}, "masks.tau", "must be >= 0"),
-    ({"masks": {"criterion": "wanda"}}, "masks.criterion",
-     "got 'wanda'; allowed: 'gradient', 'magnitude', 'taylor'"),
+    ({"masks": {"criterion": "wandaa"}}, "masks.criterion",
+     "got 'wandaa'; allowed: 'gradient', 'taylor', 'fisher', 'magnitude', 'wanda', 'gblm', "
+     "'random', 'sparsegpt'"),
     ({"masks": {"scope": "row"}}, "masks.scope", "allowed: 'global', 'per_layer'"),
     ({"train": {"bf16": True}}, "train.bf16", "allowed: 'auto', 'on', 'off'"),
     ({"model": {"layers": "four"}}, "model.layers", "must be an integer, got 'four'"),
@@ -96,6 +98,16 @@ def _error(raw: dict) -> ParamError:
     ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "data.test_fraction",
      "val_fraction + test_fraction must be below 1"),
     ({"masks": "dense"}, "masks", "must be a mapping"),
+    ({"masks": {"pattern": "4:2"}}, "masks.pattern", "allowed: 'unstructured', 'N:M'"),
+    ({"masks": {"criterion": "magnitude", "variant": "rms"}}, "masks.variant",
+     "magnitude allows 'mean'"),
+    ({"evaluate": {"tasks": ["mmlu"]}}, "evaluate.tasks[0]", "got 'mmlu'; allowed: hellaswag"),
+    ({"evaluate": {"context": 64, "stride": 65}}, "evaluate.stride",
+     "must not exceed evaluate.context (64)"),
+    ({"evaluate": {"context": 512}}, "evaluate.context", "must not exceed data.block_size (256)"),
+    ({"compare": {"patterns": ["structured"]}}, "compare.patterns",
+     "sparsegpt has no structured form"),
+    ({"compare": {"criteria": ["obs"]}}, "compare.criteria[0]", "got 'obs'"),
 ])
 def test_bad_value_names_key_and_what_is_allowed(raw, key, allowed):
     err = _error(raw)
@@ -107,7 +119,8 @@ def test_bad_value_names_key_and_what_is_allowed(raw, key, allowed):
 def test_unknown_key_lists_allowed_keys():
     err = _error({"masks": {"sparsity": 0.5, "sparsty": 0.7}})
     assert err.key == "masks.sparsty"
-    assert "unknown key; allowed keys here: criterion, tau, sparsity, scope" in str(err)
+    assert "unknown key; allowed keys here: criterion, variant, gblm_alpha, tau, sparsity, " \
+           "scope, pattern" in str(err)
     top = _error({"maskz": {}})
     assert top.key == "maskz"
     assert "allowed keys here: seed, data, model, train" in str(top)
@@ -118,7 +131,8 @@ def test_param_error_is_value_error():
 
 
 def test_tau_alone_is_valid_and_int_becomes_float():
-    params = params_from_dict({"masks": {"tau": 0, "sparsity": None}})
+    params = params_from_dict({"masks": {"tau": 0, "sparsity": None},
+                               "compare": {"sparsity": 0.5}})
     assert params.masks.tau == 0.0 and isinstance(params.masks.tau, float)
     assert params.masks.sparsity is None
 
@@ -132,8 +146,15 @@ def test_apply_overrides_parses_yaml_values():
     assert raw["masks"]["sparsity"] == 0.5  # the input is not modified
     assert params_from_dict(out).masks.sparsity == 0.7
     # the mapping form and a null value
-    out = apply_overrides(raw, {"masks.tau": 0.01, "masks.sparsity": None})
+    out = apply_overrides(raw, {"masks.tau": 0.01, "masks.sparsity": None,
+                                "compare.sparsity": 0.5})
     assert params_from_dict(out).masks.tau == 0.01
+    # tau without a sparsity for the comparison rows names the key to set
+    with pytest.raises(ParamError, match="compare.sparsity: set it when masks uses tau"):
+        apply_overrides(raw, {"masks.tau": 0.01, "masks.sparsity": None})
+    # YAML 1.2 values, as DVC writes them: 2:4 stays a string, 1e-3 is a float
+    out = apply_overrides(raw, ["masks.pattern=2:4", "train.lr=1e-3"])
+    assert out["masks"]["pattern"] == "2:4" and out["train"]["lr"] == 0.001
 
 
 def test_apply_overrides_unknown_or_bad_key_raises():
@@ -151,6 +172,9 @@ def test_apply_overrides_unknown_or_bad_key_raises():
 
 def test_section_dict_flattens():
     params = params_from_dict({"masks": {"sparsity": 0.25}})
-    assert section_dict(params, "masks") == {"masks.criterion": "gradient", "masks.tau": None,
-                                             "masks.sparsity": 0.25, "masks.scope": "global"}
+    flat = section_dict(params, "masks")
+    assert {k: flat[k] for k in ("masks.criterion", "masks.tau", "masks.sparsity",
+                                 "masks.scope")} == {"masks.criterion": "gradient",
+                                                     "masks.tau": None, "masks.sparsity": 0.25,
+                                                     "masks.scope": "global"}
     assert section_dict(params, "seed") == {"seed": 1234}

@@ -15,10 +15,13 @@ from gradprune.masks import (
     keep_top,
     kth_smallest,
     load_masks,
+    masks_for_n_m,
     masks_for_sparsity,
+    masks_for_targets,
     masks_for_threshold,
     pack_mask,
     save_masks,
+    sparsity_targets,
     unpack_mask,
 )
 
@@ -66,8 +69,8 @@ def test_scores_per_criterion(criterion):
 
 
 def test_unknown_criterion_names_allowed():
-    with pytest.raises(ValueError, match="masks.criterion.*gradient, magnitude, taylor"):
-        scores_for("wanda", WEIGHTS, STATS)
+    with pytest.raises(ValueError, match="masks.criterion.*gradient, taylor, fisher, magnitude"):
+        scores_for("obd", WEIGHTS, STATS)
 
 
 @pytest.mark.parametrize("criterion, tau, expected", [
@@ -96,6 +99,10 @@ def test_threshold_known_answers(criterion, tau, expected):
     # six pruned: the tie at .1875 splits, and a2 (lower flat index) goes before a3
     ("taylor", 0.6, "global", {"a": [[F, T, F], [T, F, F]], "b": [[T, T], [F, F]]}),
     ("taylor", 0.4, "per_layer", {"a": [[T, T, T], [T, F, F]], "b": [[T, T], [F, F]]}),
+    # per row: a's rows of 3 prune round(1.2)=1, b's rows of 2 prune round(0.8)=1
+    ("magnitude", 0.4, "per_row", {"a": [[F, T, T], [T, F, T]], "b": [[T, F], [F, T]]}),
+    # taylor a row 1 is [.1875, 0, 0]: the tie goes to the first position
+    ("taylor", 0.4, "per_row", {"a": [[F, T, T], [T, F, T]], "b": [[T, F], [F, T]]}),
 ])
 def test_sparsity_known_answers(criterion, sparsity, scope, expected):
     _assert_masks(masks_for_sparsity(_scores(criterion), sparsity, scope), expected)
@@ -115,15 +122,15 @@ def test_ties_broken_by_sorted_name_then_flat_index():
     _assert_masks(masks_for_sparsity(scores, 4 / 7), {"m": [F, T, F], "z": [[F, F], [T, T]]})
 
 
-@pytest.mark.parametrize("scope", ["global", "per_layer"])
+@pytest.mark.parametrize("scope", ["global", "per_layer", "per_row"])
 def test_sparsity_zero_keeps_everything(scope):
     got = masks_for_sparsity(_scores("magnitude"), 0.0, scope)
     _assert_masks(got, {"a": [[T, T, T], [T, T, T]], "b": [[T, T], [T, T]]})
 
 
 def test_unknown_scope_rejected():
-    with pytest.raises(ValueError, match="masks.scope.*'global', 'per_layer'"):
-        masks_for_sparsity(_scores("magnitude"), 0.5, "per_row")
+    with pytest.raises(ValueError, match="masks.scope.*'global', 'per_layer', 'per_row'"):
+        masks_for_sparsity(_scores("magnitude"), 0.5, "per_column")
 
 
 def test_check_scores_rejects_nan_inf_negative_and_wrong_dtype():
@@ -285,3 +292,136 @@ def test_load_masks_corrupt_files_name_path(tmp_path):
         path = tmp_path / name
         with pytest.raises(ValueError, match=f"{path}: corrupt mask file"):
             load_masks(path)
+
+
+# --- per-row, N:M and per-tensor targets ----------------------------------------------------
+
+def test_per_row_prunes_within_each_row_ties_by_position():
+    scores = {"w": torch.tensor([[3.0, 1.0, 1.0, 1.0], [0.0, 9.0, 8.0, 7.0]])}
+    # Row 0 loses two of its three tied 1.0s (the first two); row 1 its 0 and its 7.
+    _assert_masks(masks_for_sparsity(scores, 0.5, "per_row"), {"w": [[T, F, F, T], [F, T, T, F]]})
+    # A 1-D tensor is one row.
+    got = masks_for_sparsity({"v": torch.tensor([2.0, 0.0, 1.0])}, 0.34, "per_row")
+    assert got["v"].tolist() == [T, F, T]
+
+
+def _reference_row_mask(row: list[float], n_prune: int) -> list[bool]:
+    pruned = set(sorted(range(len(row)), key=lambda j: (row[j], j))[:n_prune])
+    return [j not in pruned for j in range(len(row))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(_tied_scores(), st.floats(0, 1, exclude_max=True))
+def test_per_row_sparsity_prunes_exact_count_per_row(scores, sparsity):
+    got = masks_for_sparsity(scores, sparsity, "per_row")
+    for name, score in scores.items():
+        rows = score.reshape(score.shape[0], -1) if score.dim() > 1 else score.reshape(1, -1)
+        mask = got[name].reshape(rows.shape)
+        for row, keep in zip(rows.tolist(), mask.tolist()):
+            assert keep.count(False) == round(sparsity * len(row))
+            # -0.0 and 0.0 tie: compare as the radix select does, by value
+            assert keep == _reference_row_mask([abs(v) for v in row], round(sparsity * len(row)))
+
+
+@pytest.mark.parametrize("n, m, expected", [
+    (2, 4, [[T, F, T, F, F, F, T, T], [F, F, T, T, F, F, T, T]]),
+    # of the two 1.0s in row 0, the earlier one goes
+    (4, 8, [[T, F, T, T, F, F, F, T], [F, F, F, F, T, T, T, T]]),
+    (1, 2, [[T, F, T, F, F, T, F, T], [F, T, F, T, F, T, F, T]]),
+])
+def test_n_m_known_answers(n, m, expected):
+    scores = {"w": torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.5, 0.5, 1.0],
+                                 [0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0]])}
+    _assert_masks(masks_for_n_m(scores, n, m), {"w": expected})
+
+
+def test_n_m_rejects_bad_shapes_and_patterns():
+    with pytest.raises(ValueError, match="layers.3.down_proj: input dimension.*multiple of m=4"):
+        masks_for_n_m({"layers.3.down_proj": torch.ones(4, 6)}, 2, 4)
+    for n, m in [(0, 4), (4, 4), (3, 2)]:
+        with pytest.raises(ValueError, match=f"need 0 < n < m, got {n}:{m}"):
+            masks_for_n_m({"w": torch.ones(4, 8)}, n, m)
+    with pytest.raises(ValueError, match="scores for w hold negative"):
+        masks_for_n_m({"w": -torch.ones(4, 8)}, 2, 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.sampled_from([(2, 4), (4, 8), (1, 4), (3, 4)]),
+       st.integers(0, 2**31 - 1))
+def test_n_m_every_group_keeps_exactly_n_highest(rows, groups, n_m, seed):
+    n, m = n_m
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 3, (rows, groups * m), generator=g).float()
+    keep = masks_for_n_m({"w": score}, n, m)["w"]
+    assert (keep.view(rows, groups, m).sum(-1) == n).all()
+    grouped, kept = score.view(-1, m).tolist(), keep.view(-1, m).tolist()
+    for values, mask in zip(grouped, kept):
+        assert mask == _reference_row_mask(values, m - n)
+
+
+# Two module types across two layers plus one unmatched tensor (rows of 4, one row each).
+TYPED = {
+    "l0.mlp.up": torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+    "l1.mlp.up": torch.tensor([[5.0, 6.0, 7.0, 8.0]]),
+    "l0.self_attn.q": torch.tensor([[0.5, 8.0, 8.0, 8.0]]),
+    "l1.self_attn.q": torch.tensor([[4.0, 4.0, 0.25, 4.0]]),
+    "out": torch.tensor([[0.125, 0.125, 0.125, 0.125]]),
+}
+OVERRIDES = {"*.mlp.*": 0.5, "*.self_attn.*": 0.25}
+
+
+def test_sparsity_targets_first_match_wins_exclude_and_default():
+    names = list(TYPED)
+    assert sparsity_targets(names, 0.5, OVERRIDES) == {
+        "l0.mlp.up": 0.5, "l1.mlp.up": 0.5, "l0.self_attn.q": 0.25, "l1.self_attn.q": 0.25,
+        "out": 0.5}
+    # Both patterns match l0.self_attn.q: the first written wins.
+    assert sparsity_targets(["l0.self_attn.q", "l1.mlp.up"], 0.3,
+                            {"*.q": 0.1, "l0.*": 0.9, "l1.*": 0.7}) == \
+        {"l0.self_attn.q": 0.1, "l1.mlp.up": 0.7}
+    assert sparsity_targets(names, 0.6, OVERRIDES, exclude=["l1.*", "out"]) == {
+        "l0.mlp.up": 0.5, "l1.mlp.up": 0.0, "l0.self_attn.q": 0.25, "l1.self_attn.q": 0.0,
+        "out": 0.0}
+    assert sparsity_targets(names, 0.5) == dict.fromkeys(names, 0.5)
+
+
+def test_per_module_overrides_select_each_target_group_jointly():
+    targets = sparsity_targets(TYPED, 0.5, OVERRIDES)
+    # Target 0.5 holds both mlp tensors and "out" (12 weights, prune 6): out's four 0.125s and
+    # l0's 1 and 2; l1.mlp.up keeps everything. Target 0.25 holds the attention tensors
+    # (8 weights, prune 2): 0.25 in l1 and 0.5 in l0.
+    _assert_masks(masks_for_targets(TYPED, targets, "global"), {
+        "l0.mlp.up": [[F, F, T, T]], "l1.mlp.up": [[T, T, T, T]],
+        "l0.self_attn.q": [[F, T, T, T]], "l1.self_attn.q": [[T, T, F, T]],
+        "out": [[F, F, F, F]]})
+    per_layer = {"l0.mlp.up": [[F, F, T, T]], "l1.mlp.up": [[F, F, T, T]],
+                 "l0.self_attn.q": [[F, T, T, T]], "l1.self_attn.q": [[T, T, F, T]],
+                 "out": [[F, F, T, T]]}
+    _assert_masks(masks_for_targets(TYPED, targets, "per_layer"), per_layer)
+    _assert_masks(masks_for_targets(TYPED, targets, "per_row"), per_layer)  # one row each
+    # Excluded tensors stay dense.
+    excluded = masks_for_targets(TYPED, sparsity_targets(TYPED, 0.5, OVERRIDES, ["*.mlp.*"]))
+    assert excluded["l0.mlp.up"].all() and excluded["l1.mlp.up"].all()
+
+
+def test_targets_must_name_the_scored_tensors():
+    with pytest.raises(ValueError, match="l1.mlp.up: has a score or a sparsity target"):
+        masks_for_targets(TYPED, {n: 0.5 for n in TYPED if n != "l1.mlp.up"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(_tied_scores(), st.data())
+def test_targets_prune_exact_counts_per_group_tensor_and_row(scores, data):
+    targets = {name: data.draw(st.sampled_from([0.0, 0.25, 0.5, 0.7])) for name in scores}
+    glob = masks_for_targets(scores, targets, "global")
+    for target in set(targets.values()):
+        group = [name for name in scores if targets[name] == target]
+        pruned = sum(int((~glob[name]).sum()) for name in group)
+        assert pruned == round(target * sum(scores[name].numel() for name in group))
+    layer = masks_for_targets(scores, targets, "per_layer")
+    row = masks_for_targets(scores, targets, "per_row")
+    for name, score in scores.items():
+        # round(): within half a weight of the asked fraction, so within one weight
+        assert abs(int((~layer[name]).sum()) - targets[name] * score.numel()) <= 0.5
+        rows = row[name].reshape(score.shape[0], -1) if score.dim() > 1 else row[name].view(1, -1)
+        assert ((~rows).sum(1) == round(targets[name] * rows.shape[1])).all()

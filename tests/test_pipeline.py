@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 
 from conftest import make_micro_repo, run, run_env
 
-STAGES = ["prepare", "train", "gradients", "masks", "finetune", "average", "evaluate"]
+STAGES = ["prepare", "train", "gradients", "masks", "compare", "finetune", "average", "evaluate"]
+# The micro config's comparison rows: compare@<criterion>-<pattern>.
+COMPARE_ROWS = ["compare@wanda-2:4", "compare@sparsegpt-2:4"]
+NESTED_RUNS = sorted([s for s in STAGES if s != "compare"] + COMPARE_ROWS)
 DVC = [sys.executable, "-m", "dvc"]
 
 
@@ -55,17 +58,22 @@ def runs_by_parent(repo: Path) -> dict[str, list[dict]]:
 
 def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
     repo, _, log = repro_repo
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s != "compare"] + COMPARE_ROWS:
         assert f"Running stage '{stage}'" in log
     masks = json.loads((repo / "metrics" / "masks.json").read_text())
     assert masks["sparsity_achieved"] == 0.5
     assert masks["kept"] * 2 == masks["prunable"]
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for model in ("pruned", "finetuned_last", "averaged"):
-        assert evaluate["models"][model]["sparsity"] == 0.5
+        assert 0.5 <= evaluate["models"][model]["sparsity"] < 0.51
+        assert set(evaluate["models"][model]["tasks"]) == {
+            "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"}
     assert evaluate["models"]["dense"]["sparsity"] == 0.0
-    assert evaluate["context_length"] == 64
-    for name in ("loss_curve.png", "layer_sparsity.png", "report.md"):
+    assert (evaluate["context"], evaluate["stride"]) == (64, 32)
+    for row in ("wanda-2:4", "sparsegpt-2:4"):
+        assert evaluate["compare"][row]["sparsity"] >= 0.5
+        assert evaluate["compare"][row]["test_perplexity"] > 1
+    for name in ("loss_curve.png", "layer_sparsity.png", "report.md", "report.html"):
         assert (repo / "data" / "evaluate" / name).stat().st_size > 0
 
 
@@ -81,7 +89,7 @@ def test_repro_is_one_mlflow_parent_with_a_nested_run_per_stage(repro_repo):
     parents = runs_by_parent(repo)
     assert len(parents) == 1
     (children,) = parents.values()
-    assert sorted(c["stage"] for c in children) == sorted(STAGES)
+    assert sorted(c["stage"] for c in children) == NESTED_RUNS
     assert all(c["status"] == "FINISHED" for c in children)
     masks_run = next(c for c in children if c["stage"] == "masks")
     assert masks_run["params"]["masks.sparsity"] == "0.5"
@@ -119,7 +127,7 @@ def test_flow_runs_the_same_dag_and_leaves_dvc_clean(flow_repo):
     parents = runs_by_parent(repo)
     assert len(parents) == 1
     (children,) = parents.values()
-    assert sorted(c["stage"] for c in children) == sorted(STAGES)
+    assert sorted(c["stage"] for c in children) == NESTED_RUNS
 
 
 def test_two_runs_from_scratch_are_bit_identical(repro_repo, flow_repo):

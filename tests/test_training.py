@@ -203,3 +203,37 @@ def test_collect_gradient_stats_rejects_no_blocks():
     with pytest.raises(ValueError, match="no calibration blocks"):
         collect_gradient_stats(model, prunable_linears(model, ("model.layers.*",)),
                                torch.zeros(0, CONTEXT, dtype=torch.long), bf16=False)
+
+
+def test_collect_gradient_stats_hessian_is_xtx_over_tokens():
+    model = _model(seed=5)
+    blocks = _blocks(3, 1)
+    linears = prunable_linears(model, ("model.layers.0.*",))
+    stats, _ = collect_gradient_stats(model, linears, blocks, bf16=False, hessian=True)
+
+    inputs = {name: [] for name in linears}
+
+    def record(name):
+        def hook(module, args):
+            inputs[name].append(args[0].detach().reshape(-1, module.in_features))
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in linears.items()]
+    with torch.no_grad():
+        for block in blocks:
+            model(input_ids=block.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    for name, layer in linears.items():
+        x = torch.cat(inputs[name]).double()
+        assert len(x) == blocks.numel()  # every token, once per forward
+        want = (x.T @ x / len(x)).float()
+        got = stats[name]["hessian"]
+        assert got.dtype == torch.float32
+        assert got.shape == (layer.in_features, layer.in_features)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
+        # act_norm is the square root of the hessian's diagonal times the token count
+        assert torch.allclose(stats[name]["act_norm"], (got.diagonal() * len(x)).sqrt(),
+                              rtol=1e-5)
+    without, _ = collect_gradient_stats(model, linears, blocks, bf16=False)
+    assert all("hessian" not in s for s in without.values())

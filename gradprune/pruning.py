@@ -1,0 +1,147 @@
+"""From collected statistics to a pruned model, whatever the criterion and pattern.
+
+`prune` returns what the masks stage stores: keep-masks over the full-size model's prunable
+Linears (always), SparseGPT's rewritten kept weights (sparsegpt only), and for the structured
+pattern the physically smaller model. `load_pruned_model` turns those files back into the model
+fine-tuning starts from and the masks it must enforce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradprune.config import MaskParams, parse_pattern
+from gradprune.criteria import scores_for
+from gradprune.masks import (apply_masks, load_masks, masks_for_n_m, masks_for_targets,
+                             masks_for_threshold, save_masks, sparsity_targets)
+from gradprune.model import load_model
+from gradprune.sparsegpt import sparsegpt_prune_layers
+from gradprune.structured import select_structures, shape_report, shrink_llama, structured_masks
+
+MASKS_FILE = "masks.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+SMALLER_MODEL = "model"
+
+
+@dataclass
+class Pruned:
+    masks: dict[str, torch.Tensor]
+    new_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    smaller: nn.Module | None = None
+
+
+def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: MaskParams,
+          seed: int, n_blocks: int) -> Pruned:
+    """Prune the Linears named in `stats` as `cfg` says; `model` itself is left unchanged."""
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight.detach() for name in sorted(stats)}
+    pattern = parse_pattern(cfg.pattern)
+    targets = sparsity_targets(weights, cfg.sparsity or 0.0, cfg.overrides, cfg.exclude)
+    n, m = pattern if isinstance(pattern, tuple) else (0, 0)
+
+    if cfg.criterion == "sparsegpt":
+        new_weights, masks = sparsegpt_prune_layers(
+            weights, stats, targets, n=n, m=m, block_size=cfg.sparsegpt.block_size,
+            damp=cfg.sparsegpt.damp)
+        return Pruned(masks, new_weights)
+
+    scores = scores_for(cfg.criterion, weights, stats, variant=cfg.variant,
+                        gblm_alpha=cfg.gblm_alpha, n_blocks=n_blocks, seed=seed)
+    if pattern == "structured":
+        keep_ffn, keep_groups = select_structures(
+            scores, model.config,
+            _or(cfg.structured.ffn_sparsity, cfg.sparsity),
+            _or(cfg.structured.head_sparsity, cfg.sparsity), cfg.structured.ffn_multiple)
+        return Pruned(structured_masks(model, keep_ffn, keep_groups),
+                      smaller=shrink_llama(model, keep_ffn, keep_groups))
+    if n:
+        pruned = {name: s for name, s in scores.items() if targets[name] > 0}
+        masks = {**_all_kept(weights), **masks_for_n_m(pruned, n, m)}
+    elif cfg.tau is not None:
+        masks = masks_for_threshold(scores, cfg.tau)
+        masks.update({name: torch.ones_like(masks[name]) for name in weights
+                      if targets[name] == 0})  # excluded: dense whatever their scores
+    else:
+        masks = masks_for_targets(scores, targets, cfg.scope)
+    return Pruned(masks)
+
+
+def _or(value: float | None, default: float | None) -> float:
+    return value if value is not None else (default or 0.0)
+
+
+def _all_kept(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: torch.ones(w.shape, dtype=torch.bool) for name, w in weights.items()}
+
+
+def apply_pruning(model: nn.Module, pruned: Pruned) -> nn.Module:
+    """The pruned model: the smaller one, or `model` with new weights and masks applied."""
+    if pruned.smaller is not None:
+        return pruned.smaller
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in pruned.new_weights.items():
+            modules[name].weight.copy_(weight)
+    apply_masks(model, pruned.masks)
+    return model
+
+
+def save_pruned(folder: Path, pruned: Pruned) -> None:
+    from safetensors.torch import save_file
+
+    save_masks(folder / MASKS_FILE, pruned.masks)
+    if pruned.new_weights:
+        save_file({k: v.contiguous() for k, v in pruned.new_weights.items()},
+                  str(folder / WEIGHTS_FILE))
+    if pruned.smaller is not None:
+        pruned.smaller.save_pretrained(folder / SMALLER_MODEL)
+
+
+def load_pruned_model(dense_dir: Path, masks_dir: Path
+                      ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model fine-tuning starts from, and the masks it must keep enforcing.
+
+    Structured pruning leaves a smaller dense model and nothing to enforce; otherwise the dense
+    model gets SparseGPT's rewritten weights (if any) and its masks.
+    """
+    from safetensors.torch import load_file
+
+    if (masks_dir / SMALLER_MODEL).is_dir():
+        return load_model(masks_dir / SMALLER_MODEL), {}
+    model = load_model(dense_dir)
+    masks = load_masks(masks_dir / MASKS_FILE)
+    new_weights = load_file(str(masks_dir / WEIGHTS_FILE)) if (masks_dir / WEIGHTS_FILE).is_file() \
+        else {}
+    return apply_pruning(model, Pruned(masks, new_weights)), masks
+
+
+def prunable_sparsity(model: nn.Module, dense_shapes: dict[str, torch.Size]) -> float:
+    """1 - non-zero prunable weights / the dense model's prunable weights (any pattern:
+    a structurally smaller model counts its removed rows and columns as pruned)."""
+    modules = dict(model.named_modules())
+    total = sum(torch.Size(shape).numel() for shape in dense_shapes.values())
+    nonzero = sum(int(torch.count_nonzero(modules[name].weight)) for name in dense_shapes)
+    return 1 - nonzero / total
+
+
+def pruning_report(pruned: Pruned, dense: nn.Module) -> dict:
+    """Per-layer and total sparsity of the masks, and the new shape when structured."""
+    from gradprune.masks import sparsity_report
+
+    report = sparsity_report(pruned.masks)
+    if pruned.smaller is not None:
+        report["shape_before"] = shape_report(dense)
+        report["shape_after"] = shape_report(pruned.smaller)
+    return report
+
+
+def with_overrides(cfg: MaskParams, **changes) -> MaskParams:
+    """A validated copy of `cfg` with some fields replaced (compare rows use this)."""
+    new = dataclasses.replace(cfg, **changes)
+    new.check()
+    return new
