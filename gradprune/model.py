@@ -27,13 +27,53 @@ def build_llama(cfg: ModelParams, vocab_size: int, context: int, eos_token_id: i
 
 
 def load_model(path: str | Path):
+    """A Hugging Face model folder in float32; only its safetensors weights are ever read."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no Hugging Face model here (config.json missing); "
                                 "run the stage that makes it")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False)
+
+
+def load_gguf_model(path: str | Path):
+    """A GGUF file's model, dequantized to float32."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    path = Path(path)
+    # Without dequantize the model stays marked as quantized and save_pretrained refuses it.
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True))
+
+
+def load_source_model(source: str):
+    """(model, tokenizer) of a pretrained model.source: "smollm2", a Hugging Face checkpoint
+    folder or a .gguf file; float32 weights."""
+    from gradprune.data import load_source_tokenizer
+    from gradprune.sources import SMOLLM2, packaged_model_folder
+
+    if source == "smollm2":
+        model = load_model(packaged_model_folder(SMOLLM2))
+    elif Path(source).suffix == ".gguf":
+        model = load_gguf_model(source)
+    else:
+        model = load_model(source)
+    if model.config.model_type != "llama":
+        raise ValueError(f"model.source: {source} is a {model.config.model_type!r} model; only "
+                         "LLaMA-architecture models are supported")
+    return model, load_source_tokenizer(source)
+
+
+def check_vocab(model, tokenizer, source: str) -> None:
+    """Every token id of the tokenizer must have a row in the model's embedding."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer (data.tokenizer) has {len(tokenizer)} tokens but the "
+                         f"model of model.source={source} embeds only {rows}: use "
+                         "data.tokenizer: model, or a tokenizer made for that model")
 
 
 def prunable_linears(model: nn.Module, include: tuple[str, ...],

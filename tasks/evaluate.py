@@ -245,7 +245,8 @@ def _save(fig, path) -> bool:
 def _plot_curves(path, train_curve: list[dict], finetune_curve: list[dict]) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    offset = train_curve[-1]["step"]
+    # A pretrained model kept as it is (train.steps 0) has no training curve.
+    offset = train_curve[-1]["step"] if train_curve else 0
     points = [p for p in train_curve if p["val_loss"] is not None]
     ax.plot([p["step"] for p in points], [p["val_loss"] for p in points], "o-",
             label="dense training")

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradprune.config import Params
-from gradprune.data import (CorpusError, clean_documents, load_documents, load_tokenizer,
-                            split_documents, token_blocks, train_bpe_tokenizer, write_blocks)
+from gradprune.data import (CorpusError, clean_documents, load_documents, load_source_tokenizer,
+                            load_tokenizer, split_documents, token_blocks, train_bpe_tokenizer,
+                            write_blocks)
 from gradprune.io import atomic_dir
 from tasks.common import DATA, Stage, stage_main
 
@@ -25,6 +26,8 @@ def run(params: Params, stage: Stage) -> dict:
 
     if cfg.tokenizer == "bpe":
         tokenizer = train_bpe_tokenizer(splits["train"], cfg.vocab_size)
+    elif cfg.tokenizer == "model":
+        tokenizer = load_source_tokenizer(params.model.source)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
     blocks = {name: token_blocks(docs, tokenizer, cfg.block_size) for name, docs in splits.items()}

@@ -1,4 +1,5 @@
-"""train: a dense LLaMA-architecture model from scratch on the prepared blocks."""
+"""train: the dense LLaMA-architecture model, trained from scratch on the prepared blocks, or a
+pretrained model.source after train.steps of continued pretraining (possibly none)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from gradprune.config import Params
 from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation import parameter_counts, unigram_perplexity
 from gradprune.io import atomic_dir
-from gradprune.model import bf16_enabled, build_llama
-from gradprune.training import train_lm
+from gradprune.model import bf16_enabled, build_llama, check_vocab, load_source_model
+from gradprune.training import mean_loss, train_lm
 from tasks.common import DATA, Stage, stage_main
 
 OUT = DATA / "train"
@@ -22,12 +23,16 @@ def run(params: Params, stage: Stage) -> dict:
     tokenizer = load_tokenizer(PREPARED / "tokenizer")
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
-    model = build_llama(params.model, len(tokenizer), train_blocks.shape[1],
-                        tokenizer.eos_token_id, params.seed)
+    if params.model.source == "scratch":
+        model = build_llama(params.model, len(tokenizer), train_blocks.shape[1],
+                            tokenizer.eos_token_id, params.seed)
+    else:
+        model, _ = load_source_model(params.model.source)
+        check_vocab(model, tokenizer, params.model.source)
     bf16 = bf16_enabled(cfg.bf16)
 
     started = time.perf_counter()
-    curve = train_lm(model, train_blocks, val_blocks, cfg, params.seed, bf16)
+    curve = train_lm(model, train_blocks, val_blocks, cfg, params.seed, bf16) if cfg.steps else []
     seconds = time.perf_counter() - started
 
     with atomic_dir(OUT) as out:
@@ -36,7 +41,8 @@ def run(params: Params, stage: Stage) -> dict:
     stage.write_plot("train_curve", [vars(p) for p in curve])
     stage.log_artifacts(OUT / "model", "model")
 
-    val_loss = curve[-1].val_loss
+    val_loss = curve[-1].val_loss if curve else mean_loss(
+        model, val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
     tokens = cfg.steps * cfg.batch_size * train_blocks.shape[1]
     return {
         "val_loss": val_loss,
