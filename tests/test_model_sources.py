@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from gradprune.config import ParamError, params_from_dict
 from gradprune.data import EOS_TOKEN, train_bpe_tokenizer
 from gradprune.model import load_source_model
-from tests.conftest import ROOT, micro_params, run_env
+from conftest import ROOT, micro_params, run_env
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "A language model predicts the next token from the ones before it.",
