@@ -101,7 +101,7 @@ def layer_shapes(n: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def make_scores(n: int, seed: int) -> dict[str, "torch.Tensor"]:
+def make_scores(n: int, seed: int) -> dict:
     """|N(0,1)| rounded to bf16 precision, as float32, one tensor per layer, built in place."""
     import torch
 

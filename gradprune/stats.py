@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-STAT_NAMES = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_norm", "hessian")
-
 
 def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
                            bf16: bool, hessian: bool = False,
