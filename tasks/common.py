@@ -190,6 +190,8 @@ def quiet_progress_bars() -> None:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        # Bars that libraries draw with tqdm directly (GGUF conversion) read this variable.
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def stage_main(name: str, run: Callable[[Params, Stage], dict],
