@@ -1,5 +1,5 @@
-"""Held-out perplexity (non-overlapping blocks or a sliding window), a unigram baseline, and
-the counts that say what pruning removed."""
+"""Held-out perplexity over a sliding window, a unigram baseline, and the counts that say what
+pruning removed."""
 
 from __future__ import annotations
 
@@ -9,13 +9,6 @@ from typing import Iterable, TypeVar
 
 import torch
 from torch import nn
-
-from gradprune.training import mean_loss
-
-
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int, bf16: bool) -> float:
-    """exp(mean next-token loss) over non-overlapping blocks; context = block length."""
-    return math.exp(mean_loss(model, blocks, batch_size, bf16))
 
 
 def window_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

@@ -18,7 +18,8 @@ from torch import nn
 from gradprune.config import MaskParams, parse_pattern
 from gradprune.criteria import scores_for
 from gradprune.masks import (apply_masks, load_masks, masks_for_n_m, masks_for_targets,
-                             masks_for_threshold, save_masks, sparsity_targets)
+                             masks_for_threshold, save_masks, sparsity_report,
+                             sparsity_targets)
 from gradprune.model import load_model
 from gradprune.sparsegpt import sparsegpt_prune_layers
 from gradprune.structured import select_structures, shape_report, shrink_llama, structured_masks
@@ -131,8 +132,6 @@ def prunable_sparsity(model: nn.Module, dense_shapes: dict[str, torch.Size]) -> 
 
 def pruning_report(pruned: Pruned, dense: nn.Module) -> dict:
     """Per-layer and total sparsity of the masks, and the new shape when structured."""
-    from gradprune.masks import sparsity_report
-
     report = sparsity_report(pruned.masks)
     if pruned.smaller is not None:
         report["shape_before"] = shape_report(dense)

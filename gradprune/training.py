@@ -24,13 +24,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # config imports the evaluation modules, which import this one
-    from gradprune.config import TrainParams
+from gradprune.config import TrainParams
 from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.masks import apply_masks
 

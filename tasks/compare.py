@@ -35,7 +35,8 @@ def run(params: Params, stage: Stage) -> dict:
     cfg = row_mask_params(params, criterion, pattern)
     dense = load_model(DATA / "train" / "model")
     stats = load_stats(STATS)
-    shapes = {name: dict(dense.named_modules())[name].weight.shape for name in stats}
+    modules = dict(dense.named_modules())
+    shapes = {name: modules[name].weight.shape for name in stats}
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
 

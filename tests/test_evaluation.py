@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from gradprune.config import ModelParams
-from gradprune.evaluation import perplexity, sliding_window_perplexity, window_spans
+from gradprune.evaluation import sliding_window_perplexity, window_spans
 from gradprune.model import build_llama
+from gradprune.training import mean_loss
 from gradprune.speed import measure_speed, sparse_kernel_speed, weight_bytes
 
 CONTEXT = 16
@@ -56,7 +57,7 @@ def test_window_spans_reject_bad_settings():
 
 def test_sliding_window_with_stride_equal_to_context_is_block_perplexity():
     model, ids = _model(), _tokens(4 * CONTEXT)
-    blocks = perplexity(model, ids.view(4, CONTEXT), batch_size=3, bf16=False)
+    blocks = math.exp(mean_loss(model, ids.view(4, CONTEXT), batch_size=3, bf16=False))
     sliding = sliding_window_perplexity(model, ids, CONTEXT, CONTEXT, batch_size=3, bf16=False)
     assert sliding["perplexity"] == pytest.approx(blocks, rel=1e-5)
     assert sliding["tokens_scored"] == 4 * (CONTEXT - 1)
