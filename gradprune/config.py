@@ -388,8 +388,16 @@ class CompareParams:
     criteria: tuple[str, ...] = ("gradient", "taylor", "magnitude", "wanda", "sparsegpt")
     patterns: tuple[str, ...] = ("unstructured", "2:4")
     sparsity: float | None = None        # of unstructured/structured rows; null: masks.sparsity
+    # Scope per criterion, so each can be compared in its published form (Wanda per_row);
+    # criteria not named use masks.scope.
+    scopes: dict[str, Literal["global", "per_layer", "per_row"]] = field(default_factory=dict)
+    zeroshot: bool = False               # also score evaluate.tasks before (and after) fine-tuning
+    finetune: bool = False               # also fine-tune and average each row as finetune/average do
 
     def check(self) -> None:
+        for criterion in self.scopes:
+            _require(criterion in CRITERIA, f"compare.scopes.{criterion}",
+                     f"unknown criterion; allowed: {', '.join(CRITERIA)}")
         for i, criterion in enumerate(self.criteria):
             _require(criterion in CRITERIA, f"compare.criteria[{i}]",
                      f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")

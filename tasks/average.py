@@ -46,27 +46,39 @@ def weights_for(cfg: AverageParams, candidates: list[dict], paths: list[Path],
     return checkpoint_weights(losses, cfg.method, cfg.temperature)
 
 
-def run(params: Params, stage: Stage) -> dict:
-    cfg = params.average
-    record = read_json(FINETUNED / "checkpoints.json")
+def average_into(model, masks: dict, cfg: AverageParams, record: dict, path_of,
+                 val_blocks) -> dict:
+    """Merge the checkpoints of a finetune record (checkpoints.json's content; `path_of(entry)`
+    finds an entry's file) as `cfg` says, leaving the merge in `model`. Returns the candidates
+    with their weights and the merge's validation loss, measured as the checkpoints' were."""
     measured = record["validation"]
-    val_blocks = read_blocks(DATA / "prepare" / "val.parquet")[: measured["blocks"]]
-    # The pruned model's shape (smaller when structured) and the masks every merge keeps.
-    model, masks = load_pruned_model(DENSE, DATA / "masks")
+    val_blocks = val_blocks[: measured["blocks"]]
 
     def val_loss_of(state: dict) -> float:
         load_state(model, state)
         return mean_loss(model, val_blocks, measured["batch_size"], measured["bf16"])
 
     candidates = record["ema"] if cfg.method == "ema" else record["checkpoints"]
-    paths = [FINETUNED / c["file"] for c in candidates]
+    paths = [path_of(c) for c in candidates]
     weights = weights_for(cfg, candidates, paths, {r["run"]: r["steps"] for r in record["runs"]},
                           masks, val_loss_of)
-    # Measuring the merge leaves it in `model`, which is what gets saved.
+    # Measuring the merge leaves it in `model`.
     merged_val_loss = val_loss_of(merge(paths, weights, masks))
+    return {"used": [{**c, "weight": w} for c, w in zip(candidates, weights)],
+            "merged_val_loss": merged_val_loss}
+
+
+def run(params: Params, stage: Stage) -> dict:
+    cfg = params.average
+    record = read_json(FINETUNED / "checkpoints.json")
+    val_blocks = read_blocks(DATA / "prepare" / "val.parquet")
+    # The pruned model's shape (smaller when structured) and the masks every merge keeps.
+    model, masks = load_pruned_model(DENSE, DATA / "masks")
+    merged = average_into(model, masks, cfg, record, lambda c: FINETUNED / c["file"], val_blocks)
+    used, merged_val_loss = merged["used"], merged["merged_val_loss"]
+    weights = [c["weight"] for c in used]
     best = min(record["checkpoints"], key=lambda c: c["val_loss"])
 
-    used = [{**c, "weight": w} for c, w in zip(candidates, weights)]
     with atomic_dir(OUT) as out:
         model.save_pretrained(out / "model")
         load_tokenizer(DENSE).save_pretrained(out / "model")

@@ -126,6 +126,23 @@ def perplexity_window(params: Params) -> tuple[int, int]:
     return context, params.evaluate.stride or max(1, context // 2)
 
 
+def zero_shot(model, tokenizer, params: Params) -> dict:
+    """Every evaluate.tasks benchmark on `model` ({} with no tasks), and the averages."""
+    import statistics
+
+    from gradprune.model import bf16_enabled
+    from gradprune.zeroshot import evaluate_task
+
+    cfg = params.evaluate
+    tasks = {task: evaluate_task(model, tokenizer, task, cfg.task_limits.get(task, cfg.limit),
+                                 cfg.batch_size, bf16_enabled(cfg.bf16)) for task in cfg.tasks}
+    if not tasks:
+        return {"tasks": {}}
+    return {"tasks": tasks,
+            "average_acc": statistics.mean(t["acc"] for t in tasks.values()),
+            "average_acc_norm": statistics.mean(t["acc_norm"] for t in tasks.values())}
+
+
 def _tracking_uri(params: Params, root: Path) -> str:
     return (params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{root.resolve() / 'mlflow.db'}")

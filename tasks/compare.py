@@ -1,24 +1,35 @@
 """compare@<criterion>-<pattern>: one row of the comparison of pruning methods.
 
 Prunes the dense model with one criterion and pattern from the statistics the gradients stage
-collected (no second gradient pass) and scores it before any fine-tuning, on the same test
-tokens and windows as the evaluate stage. The row is this stage's metrics file.
+collected (no second gradient pass) and scores it on the same test tokens and windows as the
+evaluate stage: perplexity, and with compare.zeroshot the evaluate.tasks benchmarks. With
+compare.finetune the row then fine-tunes and averages exactly as the finetune and average
+stages do (their params, their code, checkpoints in a temporary folder) and scores the merge
+again. The row is this stage's metrics file.
 """
 
 from __future__ import annotations
 
+import copy
+import tempfile
+from pathlib import Path
+
 from gradprune.config import Params, parse_pattern
+from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation import parameter_counts, sliding_window_perplexity
 from gradprune.model import bf16_enabled, load_model
 from gradprune.pruning import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.stats import load_stats, load_stats_info
-from tasks.common import DATA, Stage, perplexity_window, stage_main, test_tokens
+from tasks.average import average_into
+from tasks.common import DATA, Stage, perplexity_window, stage_main, test_tokens, zero_shot
+from tasks.finetune import finetune_runs, finetune_summary
 
 STATS = DATA / "gradients" / "stats.safetensors"
+DENSE = DATA / "train" / "model"
 
 
 def row_mask_params(params: Params, criterion: str, pattern: str):
-    """masks.* with this row's criterion and pattern; N:M rows take their own sparsity."""
+    """masks.* with this row's criterion, pattern and scope; N:M rows take their own sparsity."""
     shape = parse_pattern(pattern, "--pattern")
     sparsity = params.compare.sparsity if params.compare.sparsity is not None \
         else params.masks.sparsity
@@ -26,6 +37,7 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
         sparsity = 1 - shape[0] / shape[1]
     return with_overrides(
         params.masks, criterion=criterion, pattern=pattern, tau=None, sparsity=sparsity,
+        scope=params.compare.scopes.get(criterion, params.masks.scope),
         variant=params.masks.variant if criterion in ("gradient", "taylor") else "mean",
         overrides=params.masks.overrides if shape == "unstructured" else {})
 
@@ -33,28 +45,39 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
 def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
     cfg = row_mask_params(params, criterion, pattern)
-    dense = load_model(DATA / "train" / "model")
+    dense = load_model(DENSE)
     stats = load_stats(STATS)
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
-
+    tokenizer = load_tokenizer(DENSE)
     context, stride = perplexity_window(params)
-    scored = sliding_window_perplexity(model, test_tokens(params), context, stride,
-                                       params.evaluate.batch_size,
-                                       bf16_enabled(params.evaluate.bf16))
-    return {
-        "criterion": criterion,
-        "pattern": pattern,
-        "sparsity_asked": cfg.sparsity,
-        "sparsity": prunable_sparsity(model, shapes),
-        "test_perplexity": scored["perplexity"],
-        "tokens_scored": scored["tokens_scored"],
-        "context": context,
-        "stride": stride,
-        **parameter_counts(model),
-    }
+    tokens = test_tokens(params)
+
+    def scores(model) -> dict:
+        scored = sliding_window_perplexity(model, tokens, context, stride,
+                                           params.evaluate.batch_size,
+                                           bf16_enabled(params.evaluate.bf16))
+        return {"sparsity": prunable_sparsity(model, shapes),
+                "test_perplexity": scored["perplexity"], **parameter_counts(model),
+                **(zero_shot(model, tokenizer, params) if params.compare.zeroshot else {})}
+
+    row = {"criterion": criterion, "pattern": pattern, "scope": cfg.scope,
+           "sparsity_asked": cfg.sparsity, **scores(model),
+           "tokens_scored": len(tokens) - 1, "context": context, "stride": stride}
+    if params.compare.finetune:
+        # A structurally smaller model has nothing left to mask.
+        masks = {} if pruned.smaller is not None else pruned.masks
+        with tempfile.TemporaryDirectory(prefix="gradprune-compare-") as folder:
+            runs = Path(folder)
+            record = finetune_runs(params, runs, lambda: copy.deepcopy(model), masks)
+            merged = average_into(model, masks, params.average, record,
+                                  lambda c: runs / f"run-{c['run']}" / c["file"],
+                                  read_blocks(DATA / "prepare" / "val.parquet"))
+        row["finetuned"] = {**finetune_summary(record), "average": params.average.method,
+                            "merged_val_loss": merged["merged_val_loss"], **scores(model)}
+    return row
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """evaluate: what pruning won and lost, for every model the pipeline made.
 
 Rows: the dense model, the pruned model before fine-tuning, the last fine-tuning checkpoint,
-the averaged final model, and one row per compared criterion x pattern (perplexity only, from
-the compare stages). Columns: sliding-window test perplexity, zero-shot accuracy (acc and
+the averaged final model, and the compare stages' rows (criterion x pattern, before and, with
+compare.finetune, after fine-tuning). Columns: sliding-window test perplexity, zero-shot accuracy (acc and
 acc_norm, scored as lm-evaluation-harness scores them) per task, sparsity, parameters, bytes of
 the dense and the sparse export, prefill and decode tokens/s. Writes metrics.json (DVC metrics),
 plots (DVC plots) and report.md / report.html.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from gradprune.model import bf16_enabled, load_model
 from gradprune.pruning import MASKS_FILE, load_pruned_model, prunable_sparsity
 from gradprune.sparse_export import save_sparse, sparse_size_report
 from gradprune.speed import measure_speed, sparse_kernel_speed
-from gradprune.zeroshot import evaluate_task
-from tasks.common import DATA, METRICS, PLOTS, Stage, perplexity_window, stage_main, test_tokens
+from tasks.common import (DATA, METRICS, PLOTS, Stage, perplexity_window, stage_main, test_tokens,
+                          zero_shot)
 
 OUT = DATA / "evaluate"
 DENSE = DATA / "train" / "model"
@@ -90,12 +89,7 @@ def run(params: Params, stage: Stage) -> dict:
         row = {f"perplexity_{s}": sliding_window_perplexity(
                    model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
                for s, ids in streams.items()}
-        row["tasks"] = {task: evaluate_task(model, tokenizer, task,
-                                            cfg.task_limits.get(task, cfg.limit),
-                                            cfg.batch_size, bf16) for task in cfg.tasks}
-        if row["tasks"]:
-            row["average_acc"] = statistics.mean(t["acc"] for t in row["tasks"].values())
-            row["average_acc_norm"] = statistics.mean(t["acc_norm"] for t in row["tasks"].values())
+        row.update(zero_shot(model, tokenizer, params))
         row["sparsity"] = prunable_sparsity(model, dense_shapes)
         row.update(parameter_counts(model))
         row["bytes"] = export_bytes(model)
@@ -164,10 +158,18 @@ def _table(params: Params, rows: dict, compared: list[dict], speed: dict) -> tup
             f"{r['bytes']['dense_export'] / 1e6:.1f}", f"{r['bytes']['sparse_export'] / 1e6:.1f}",
             f"{decode:.0f}" if decode else "-"])
     for c in compared:
-        body.append([f"{c['criterion']} {c['pattern']} (no fine-tuning)",
-                     f"{c['test_perplexity']:.2f}", *["-"] * len(tasks), "-",
-                     f"{c['sparsity']:.3f}", f"{c['parameters']:,}", f"{c['nonzero']:,}",
-                     "-", "-", "-"])
+        name = f"{c['criterion']} {c['pattern']}"
+        rows = [(f"{name} (no fine-tuning)", c)]
+        if "finetuned" in c:
+            rows.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
+        for label, r in rows:
+            scored = r.get("tasks", {})
+            body.append([label, f"{r['test_perplexity']:.2f}",
+                         *[f"{scored[t]['acc']:.3f}/{scored[t]['acc_norm']:.3f}" if t in scored
+                           else "-" for t in tasks],
+                         f"{r['average_acc']:.3f}" if "average_acc" in r else "-",
+                         f"{r['sparsity']:.3f}", f"{r['parameters']:,}", f"{r['nonzero']:,}",
+                         "-", "-", "-"])
     return header, body
 
 

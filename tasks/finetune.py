@@ -74,10 +74,10 @@ def save_weights(model, path: Path) -> None:
         save_model(model, str(tmp))
 
 
-def finetune_run(run: int, params: Params, folder: Path, masks, train_blocks, val_blocks,
+def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blocks, val_blocks,
                  teacher, bf16: bool) -> dict:
-    """One masked fine-tuning run; returns its record (read back if an earlier attempt of the
-    stage finished it)."""
+    """One masked fine-tuning run from the model `start()` returns; returns its record (read
+    back if an earlier attempt of the stage finished it)."""
     record_file = folder / "run.json"
     if record_file.is_file():
         return read_json(record_file)
@@ -86,7 +86,7 @@ def finetune_run(run: int, params: Params, folder: Path, masks, train_blocks, va
     # Seeds unlike dense training's, so every run sees the data in a new order.
     seed = params.seed + 2 + run
     save_at = checkpoint_steps(cfg.steps, cfg.checkpoints)
-    model, _ = load_pruned_model(DENSE, MASKS)
+    model = start()
     ema = MovingAverage(cfg.ema_decay)
     distillation = (Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
                     if teacher is not None else None)
@@ -123,47 +123,57 @@ def finetune_run(run: int, params: Params, folder: Path, masks, train_blocks, va
     return record
 
 
-def run(params: Params, stage: Stage) -> dict:
+def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
+    """Every fine-tuning run from the model `start()` returns, each in folder/run-<i>, all
+    checkpoint files left there; returns the record checkpoints.json holds (file names
+    relative to each run's folder), with the runs' curves under "curves"."""
     cfg = params.finetune
-    pruned, masks = load_pruned_model(DENSE, MASKS)
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
     bf16 = bf16_enabled(cfg.bf16)
-    resume = resume_folder(inputs_fingerprint(params))
     teacher = load_model(DENSE) if cfg.distill_weight > 0 else None
-
-    pruned_val_loss = mean_loss(pruned, val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
-    del pruned
-    runs = [finetune_run(r, params, resume / f"run-{r}", masks, train_blocks, val_blocks,
+    pruned_val_loss = mean_loss(start(), val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
+    runs = [finetune_run(r, params, folder / f"run-{r}", start, masks, train_blocks, val_blocks,
                          teacher, bf16) for r in range(cfg.runs)]
-
-    checkpoints = [c for r in runs for c in r["checkpoints"]]
-    emas = [r["ema"] for r in runs]
-    with atomic_dir(OUT) as out:
-        for r in runs:
-            for entry in r["checkpoints"] + [r["ema"]]:
-                shutil.copyfile(resume / f"run-{r['run']}" / entry["file"], out / entry["file"])
-        write_json(out / "checkpoints.json", {
-            "pruned_val_loss": pruned_val_loss,
-            # How every val_loss here was measured: the average stage measures merges alike.
-            "validation": {"blocks": cfg.eval_blocks, "batch_size": cfg.batch_size, "bf16": bf16},
-            "runs": [{k: r[k] for k in ("run", "seed", "steps", "stopped_early")} for r in runs],
-            "checkpoints": checkpoints,
-            "ema": emas,
-        })
-    shutil.rmtree(resume)
-    stage.write_plot("finetune_curve", [p for r in runs for p in r["curve"]])
-    stage.log_artifact(OUT / "checkpoints.json", "finetune")
     return {
         "pruned_val_loss": pruned_val_loss,
+        # How every val_loss here was measured: the average stage measures merges alike.
+        "validation": {"blocks": cfg.eval_blocks, "batch_size": cfg.batch_size, "bf16": bf16},
+        "runs": [{k: r[k] for k in ("run", "seed", "steps", "stopped_early")} for r in runs],
+        "checkpoints": [c for r in runs for c in r["checkpoints"]],
+        "ema": [r["ema"] for r in runs],
+        "curves": [p for r in runs for p in r["curve"]],
+    }
+
+
+def run(params: Params, stage: Stage) -> dict:
+    cfg = params.finetune
+    _, masks = load_pruned_model(DENSE, MASKS)
+    resume = resume_folder(inputs_fingerprint(params))
+    record = finetune_runs(params, resume, lambda: load_pruned_model(DENSE, MASKS)[0], masks)
+    curves = record.pop("curves")
+
+    with atomic_dir(OUT) as out:
+        for entry in record["checkpoints"] + record["ema"]:
+            shutil.copyfile(resume / f"run-{entry['run']}" / entry["file"], out / entry["file"])
+        write_json(out / "checkpoints.json", record)
+    shutil.rmtree(resume)
+    stage.write_plot("finetune_curve", curves)
+    stage.log_artifact(OUT / "checkpoints.json", "finetune")
+    return {**finetune_summary(record), "distill_weight": cfg.distill_weight,
+            "bf16": record["validation"]["bf16"]}
+
+
+def finetune_summary(record: dict) -> dict:
+    checkpoints = record["checkpoints"]
+    return {
+        "pruned_val_loss": record["pruned_val_loss"],
         "final_val_loss": checkpoints[-1]["val_loss"],
         "best_val_loss": min(c["val_loss"] for c in checkpoints),
-        "best_ema_val_loss": min(e["val_loss"] for e in emas),
+        "best_ema_val_loss": min(e["val_loss"] for e in record["ema"]),
         "checkpoints": len(checkpoints),
-        "runs": len(runs),
-        "stopped_early": sum(r["stopped_early"] for r in runs),
-        "distill_weight": cfg.distill_weight,
-        "bf16": bf16,
+        "runs": len(record["runs"]),
+        "stopped_early": sum(r["stopped_early"] for r in record["runs"]),
     }
 
 

@@ -70,9 +70,12 @@ def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
             "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"}
     assert evaluate["models"]["dense"]["sparsity"] == 0.0
     assert (evaluate["context"], evaluate["stride"]) == (64, 32)
-    for row in ("sparsegpt-2:4",):
-        assert evaluate["compare"][row]["sparsity"] >= 0.5
-        assert evaluate["compare"][row]["test_perplexity"] > 1
+    row = evaluate["compare"]["sparsegpt-2:4"]
+    for scored in (row, row["finetuned"]):  # before and after fine-tuning + averaging
+        assert 0.5 <= scored["sparsity"] < 0.501
+        assert scored["test_perplexity"] > 1
+        assert set(scored["tasks"]) == set(evaluate["models"]["dense"]["tasks"])
+    assert row["finetuned"]["checkpoints"] == 3
     for name in ("loss_curve.png", "layer_sparsity.png", "report.md", "report.html"):
         assert (repo / "data" / "evaluate" / name).stat().st_size > 0
 
@@ -136,6 +139,20 @@ def test_two_runs_from_scratch_are_bit_identical(repro_repo, flow_repo):
     for rel in ("data/masks/masks.safetensors", "data/average/model/model.safetensors",
                 "data/train/model/model.safetensors", "data/prepare/train.parquet"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_a_compare_row_fine_tunes_exactly_as_the_main_path(repro_repo):
+    """The row with the main path's criterion, pattern and scope runs the same fine-tuning and
+    averaging code from the same pruned weights, so its merge scores the final model's numbers."""
+    repo, env, _ = repro_repo
+    run(DVC + ["exp", "run", "compare@gradient-unstructured", "-S", "compare.criteria=[gradient]",
+               "-S", "compare.patterns=[unstructured]"], repo, env)
+    row = json.loads((repo / "metrics" / "compare" / "gradient-unstructured.json").read_text())
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    final = evaluate["models"]["averaged"]
+    assert row["finetuned"]["test_perplexity"] == final["perplexity_test"]
+    assert row["finetuned"]["tasks"] == final["tasks"]
+    assert row["test_perplexity"] == evaluate["models"]["pruned"]["perplexity_test"]
 
 
 # Last: it moves the repro workspace to another sparsity.
