@@ -29,22 +29,59 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def preset_overrides(path: str) -> dict:
+    """A preset: a YAML file of dotted params keys (as `--set` and `dvc exp run -S` take)."""
+    from gradprune.config import ParamError, read_params_file
+
+    overrides = read_params_file(path)
+    flat = [key for key in overrides if "." not in key and key != "seed"]
+    if flat:
+        raise ParamError(f"{path}: {flat[0]}", "a preset sets dotted keys, e.g. masks.sparsity: 0.7")
+    return overrides
+
+
+def dvc_set_arguments(overrides: dict, params_file: str = "params.yaml") -> list[str]:
+    """`-S key=value` arguments for `dvc exp run`, checked against params_file first."""
+    from gradprune.config import apply_overrides, read_params_file
+
+    apply_overrides(read_params_file(params_file), overrides)  # a bad key or value fails here
+    args = []
+    for key, value in overrides.items():
+        # JSON is YAML 1.2: lists, mappings, numbers and "2:4" keep their meaning in DVC.
+        text = value if isinstance(value, str) and ":" not in value else json.dumps(value)
+        args += ["-S", f"{key}={text}"]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gradprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline as a Prefect flow through DVC")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
+    run.add_argument("--preset", help="a YAML file of dotted overrides (presets/*.yaml); "
+                                      "--set wins over it")
     run.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    exp = sub.add_parser("exp", help="run the pipeline as a DVC experiment (`dvc exp run`)")
+    exp.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
+    exp.add_argument("--preset", help="a YAML file of dotted overrides; --set wins over it")
+    exp.add_argument("--name", help="the experiment's name in `dvc exp show`")
     args = parser.parse_args(argv)
 
-    prefect_defaults()
     from gradprune.config import ParamError
-    from flows.pipeline import pipeline
-
     try:
-        outcome = pipeline(overrides=parse_overrides(args.overrides) or None, repo=args.repo)
-    except ParamError as err:
+        overrides = {**(preset_overrides(args.preset) if args.preset else {}),
+                     **parse_overrides(args.overrides)}
+        if args.command == "exp":
+            import subprocess
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", *dvc_set_arguments(overrides)]
+            print(" ".join(cmd[1:]), flush=True)
+            sys.exit(subprocess.run(cmd + (["--name", args.name] if args.name else [])).returncode)
+        prefect_defaults()
+        from flows.pipeline import pipeline
+        outcome = pipeline(overrides=overrides or None, repo=args.repo)
+    except (ParamError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(outcome, indent=2))
