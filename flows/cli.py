@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 
@@ -45,12 +46,21 @@ def dvc_set_arguments(overrides: dict, params_file: str = "params.yaml") -> list
     from gradprune.config import apply_overrides, read_params_file
 
     apply_overrides(read_params_file(params_file), overrides)  # a bad key or value fails here
-    args = []
-    for key, value in overrides.items():
-        # JSON is YAML 1.2: lists, mappings, numbers and "2:4" keep their meaning in DVC.
-        text = value if isinstance(value, str) and ":" not in value else json.dumps(value)
-        args += ["-S", f"{key}={text}"]
-    return args
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={hydra(value)}")]
+
+
+def hydra(value) -> str:
+    """A value in the Hydra override grammar `dvc exp run -S` parses: [a,b], {k:v}, 'quoted'."""
+    from gradprune.config import parse_value
+
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra(v) for v in value) + "]"
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_][\w./-]*", value) and parse_value(value) == value
+        return value if plain else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return json.dumps(value)  # numbers, true/false, null
 
 
 def main(argv: list[str] | None = None) -> None:
