@@ -46,7 +46,14 @@ def dvc_set_arguments(overrides: dict, params_file: str = "params.yaml") -> list
     from gradprune.config import apply_overrides, read_params_file
 
     apply_overrides(read_params_file(params_file), overrides)  # a bad key or value fails here
-    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={hydra(value)}")]
+    args = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            # Hydra merges into a mapping key by key; delete and re-add to replace it as --set does.
+            args += ["-S", f"~{key}", "-S", f"+{key}={hydra(value)}"]
+        else:
+            args += ["-S", f"{key}={hydra(value)}"]
+    return args
 
 
 def hydra(value) -> str:
