@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                      metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
     exp.add_argument("--preset", help="a YAML file of dotted overrides; --set wins over it")
     exp.add_argument("--name", help="the experiment's name in `dvc exp show`")
+    exp.add_argument("targets", nargs="*", help="stages to run with what they need (default: all)")
     args = parser.parse_args(argv)
 
     from gradprune.config import ParamError
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                      **parse_overrides(args.overrides)}
         if args.command == "exp":
             import subprocess
-            cmd = [sys.executable, "-m", "dvc", "exp", "run", *dvc_set_arguments(overrides)]
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", *args.targets,
+                   *dvc_set_arguments(overrides)]
             print(" ".join(cmd[1:]), flush=True)
             sys.exit(subprocess.run(cmd + (["--name", args.name] if args.name else [])).returncode)
         prefect_defaults()
