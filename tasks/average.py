@@ -27,7 +27,9 @@ DENSE = DATA / "train" / "model"
 
 def load_state(model, state: dict) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    # A tied pair ({"lm_head.weight": "model.embed_tokens.weight"}) is stored under one name.
+    pairs = getattr(model, "_tied_weights_keys", None) or {}
+    tied = set(pairs) | set(pairs.values() if isinstance(pairs, dict) else ())
     if unexpected or set(missing) - tied:
         raise ValueError(f"{FINETUNED}: checkpoints do not match the model "
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")

@@ -297,3 +297,25 @@ def test_finetune_starts_over_when_params_changed(workspace, caplog):
         finetune.run(params, FakeStage(params))
     assert "holds state from other params or inputs; starting over" in caplog.text
     assert len(read_json(workspace / "data" / "finetune" / "checkpoints.json")["runs"]) == 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_saved_checkpoint_loads_back_with_or_without_tied_embeddings(tmp_path, tied):
+    """safetensors stores a tied pair (SmolLM2's lm_head / embed_tokens) under one name; the
+    average stage must accept the other name missing, and nothing else."""
+    from safetensors.torch import save_model
+
+    from gradprune.model import build_llama
+    from tasks.average import load_state
+
+    cfg = ModelParams(layers=1, hidden=16, heads=2, kv_heads=1, ffn=32, tie_embeddings=tied)
+    model = build_llama(cfg, vocab_size=50, context=16, eos_token_id=0, seed=0)
+    save_model(model, str(tmp_path / "ckpt.safetensors"))
+    state = load_file(str(tmp_path / "ckpt.safetensors"))
+    assert ("model.embed_tokens.weight" in state) != tied
+    other = build_llama(cfg, vocab_size=50, context=16, eos_token_id=0, seed=1)
+    load_state(other, state)
+    torch.testing.assert_close(other.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    del state["model.norm.weight"]
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        load_state(other, state)

@@ -242,3 +242,36 @@ def test_prepare_and_train_keep_the_pretrained_model(tmp_path):
     assert trained["train_tokens"] == 0 and trained["val_loss"] > 0
     assert json.loads((repo / "plots" / "train_curve.json").read_text()) == []
     assert os.path.isfile(repo / "data" / "train" / "model" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_the_micro_dag_prunes_a_pretrained_source(tmp_path, kind):
+    """The whole DAG, via `dvc repro`, from a tiny random LLaMA saved as a HF folder or written
+    as a GGUF file: the dense model is the source's, the final model keeps the mask."""
+    from conftest import make_micro_repo, run
+
+    tokenizer = tiny_tokenizer()
+    if kind == "hf":
+        source = tmp_path / "ckpt"
+        original, _ = save_hf_checkpoint(source, kv_heads=2)
+    else:
+        source = tmp_path / "tiny.gguf"
+        original = tiny_llama(len(tokenizer), 2, tokenizer.eos_token_id)
+        write_gguf(source, original, tokenizer)
+    repo = make_micro_repo(tmp_path / "repo", {
+        "model": {"source": str(source)}, "data": {"tokenizer": "model"}, "train": {"steps": 0},
+        "compare": {"zeroshot": False, "finetune": False},
+        "evaluate": {"tasks": ["piqa"], "speed": {"enabled": False}}})
+    run([sys.executable, "-m", "dvc", "repro"], repo, run_env(tmp_path), timeout=600)
+
+    dense = load_file(repo / "data" / "train" / "model" / "model.safetensors")
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(dense[name], tensor, rtol=0, atol=0, msg=name)
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert evaluate["models"]["dense"]["sparsity"] == 0.0
+    assert 0.5 <= evaluate["models"]["averaged"]["sparsity"] < 0.51
+    from gradprune.masks import load_masks
+    masks = load_masks(repo / "data" / "masks" / "masks.safetensors")
+    final = load_file(repo / "data" / "average" / "model" / "model.safetensors")
+    for name, mask in masks.items():
+        assert bool((final[f"{name}.weight"][~mask] == 0).all()), name
