@@ -71,14 +71,16 @@ def run_stage(stage: str, parent_run_id: str, repo: str) -> str:
 
 
 @flow(name="gradprune-pipeline", log_prints=True)
-def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".") -> dict[str, str]:
-    """Run every dvc.yaml stage in dependency order; returns {stage: "ran" | "skipped"}."""
+def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
+             stages: list[str] | None = None) -> dict[str, str]:
+    """Run the dvc.yaml stages in dependency order: all of them, or only `stages` and what
+    they depend on (as `dvc repro <stage>`); returns {stage: "ran" | "skipped"}."""
     root = Path(repo).resolve()
     params_file = root / "params.yaml"
+    order = topological_order(stage_graph(root / "dvc.yaml"), stages)
     if overrides:
         write_overrides(params_file, overrides)
     params = load_params(params_file)
-    order = topological_order(stage_graph(root / "dvc.yaml"))
     parent_id = create_parent_run(params, launcher="prefect", root=root,
                                   overrides=overrides or {})
     outcome: dict[str, str] = {}
