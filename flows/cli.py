@@ -16,6 +16,11 @@ import sys
 from pathlib import Path
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def prefect_defaults() -> None:
     """Offline-friendly Prefect settings, unless the user set them."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -31,7 +36,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: --set {item!r}: write key.path=value, e.g. masks.sparsity=0.7")
+            fail(f"--set {item!r}: write key.path=value, e.g. masks.sparsity=0.7")
         overrides[key.strip()] = parse_value(text)
     return overrides
 
@@ -63,9 +68,8 @@ def require_server() -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise SystemExit("error: scheduling needs a Prefect server: start one with `prefect "
-                         "server start --host 127.0.0.1 --port 4200`, then export "
-                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
+        fail("scheduling needs a Prefect server: start one with `prefect server start --host "
+             "127.0.0.1 --port 4200`, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
 def serve(name: str, cron: str | None, parameters: dict) -> None:
@@ -85,20 +89,19 @@ def deploy(name: str, cron: str | None, parameters: dict, pool: str) -> None:
 
     from flows.pipeline import pipeline
 
-    async def ensure_pool() -> None:
+    async def pool_type() -> str:
         async with get_client() as client:
             try:
-                found = await client.read_work_pool(pool)
+                return (await client.read_work_pool(pool)).type
             except ObjectNotFound:
                 await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
                 print(f"created process work pool {pool!r}")
-                return
-            if found.type != "process":
-                raise SystemExit(f"error: --pool {pool!r} is a {found.type!r} work pool; the "
-                                 "pipeline runs in a repository on the worker's disk, so use a "
-                                 "'process' pool (another name creates one)")
+                return "process"
 
-    run_coro_as_sync(ensure_pool())
+    found = run_coro_as_sync(pool_type())
+    if found != "process":
+        fail(f"--pool {pool!r} is a {found!r} work pool; the pipeline runs in a repository on "
+             "the worker's disk, so use a 'process' pool (another name creates one)")
     # The worker runs the flow in the repository folder: on another machine, a clone at the
     # same path (see docs/SCALE.md).
     deployment_id = pipeline.from_source(
@@ -138,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command != "run" and args.cron is not None:
             check_cron(args.cron)
     except (ValueError, FileNotFoundError) as err:  # ParamError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
     if args.command == "run":
         from flows.pipeline import pipeline
 
