@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -122,7 +123,8 @@ def wait_for(what: str, check, proc: subprocess.Popen, log: Path, timeout: float
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """A Prefect server and an MLflow server (SQLite backend, its own artifact store) on
-    127.0.0.1; yields (environment pointing Prefect at the server, Prefect API URL, MLflow URL)."""
+    127.0.0.1: yields their addresses, the artifact store and an environment pointing Prefect
+    at the server."""
     tmp = tmp_path_factory.mktemp("servers")
     env = run_env(tmp)  # PREFECT_HOME under tmp: the server's database is private
     # Workers and `serve` poll for work every 10 s (15 s) by default; a test need not wait.
@@ -144,7 +146,8 @@ def servers(tmp_path_factory):
         wait_for("prefect server", lambda: http_json(f"{api}/health") is True, prefect, prefect_log)
         wait_for("mlflow server", lambda: http_json(f"{mlflow_url}/health") == "OK", mlflow,
                  mlflow_log)
-        yield {**env, "PREFECT_API_URL": api}, api, mlflow_url
+        yield SimpleNamespace(env={**env, "PREFECT_API_URL": api}, api=api, mlflow=mlflow_url,
+                              artifacts=tmp / "mlartifacts")
         # ExitStack stops the Prefect server, then the MLflow server.
 
 
@@ -159,24 +162,29 @@ def trigger_and_watch(deployment: dict, repo: Path, env: dict[str, str], api: st
     return triggered
 
 
-def tracked_stages(mlflow_url: str, experiment: str) -> dict[str, str]:
-    """{nested run name: status} under the experiment's one parent run on the MLflow server."""
+def tracked_stages(servers: SimpleNamespace, experiment: str) -> dict[str, str]:
+    """{nested run name: status} under the experiment's one parent run on the MLflow server,
+    whose artifacts (each stage's metrics file) are in the server's artifact store."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_url)
+    client = MlflowClient(tracking_uri=servers.mlflow)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["gradprune.launcher"] == "prefect"
     assert parents[0].info.status == "FINISHED"
-    return {r.info.run_name: r.info.status for r in runs
-            if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    stages = {r.info.run_name: r.info.status for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    for run_ in runs:
+        if run_.info.run_name in stages:
+            assert list(servers.artifacts.rglob(f"{run_.info.run_id}/artifacts/metrics/*.json"))
+    return stages
 
 
 def test_deployment_on_a_process_work_pool_runs_on_a_worker(servers, tmp_path):
-    env, api, mlflow_url = servers
+    api = servers.api
     repo = make_micro_repo(tmp_path / "repo", {"mlflow": {"experiment": "deployed"}})
     # The environment route to the tracking server: params leave mlflow.tracking_uri null.
-    env = {**env, "MLFLOW_TRACKING_URI": mlflow_url}
+    env = {**servers.env, "MLFLOW_TRACKING_URI": servers.mlflow}
     run(FLOWS + ["deploy", "--pool", "test-pool", "--name", "nightly", "--cron", "0 3 * * *",
                  "--stage", "train"], repo, env)
     deployment = http_json(f"{api}/deployments/name/gradprune-pipeline/nightly")
@@ -194,15 +202,15 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(servers, tmp_path):
     assert (repo / "data" / "train" / "model" / "model.safetensors").stat().st_size > 0
     assert not (repo / "data" / "gradients").exists()
     assert "up to date" in run(DVC + ["status", "--with-deps", "train"], repo, env)
-    assert tracked_stages(mlflow_url, "deployed") == {"prepare": "FINISHED", "train": "FINISHED"}
+    assert tracked_stages(servers, "deployed") == {"prepare": "FINISHED", "train": "FINISHED"}
     assert not (repo / "mlflow.db").exists()
 
 
 def test_served_flow_runs_a_triggered_run(servers, tmp_path):
-    env, api, mlflow_url = servers
+    env, api = servers.env, servers.api
     # The params route to the tracking server; the environment names none.
     repo = make_micro_repo(tmp_path / "repo", {"mlflow": {"experiment": "served",
-                                                          "tracking_uri": mlflow_url}})
+                                                          "tracking_uri": servers.mlflow}})
     log = tmp_path / "serve.log"
     with running(FLOWS + ["serve", "--name", "served", "--cron", "30 2 * * *",
                           "--stage", "prepare"], repo, env, log) as serve:
@@ -213,7 +221,7 @@ def test_served_flow_runs_a_triggered_run(servers, tmp_path):
     assert flow_run["state"]["type"] == "COMPLETED"
     assert (repo / "data" / "prepare" / "train.parquet").stat().st_size > 0
     assert not (repo / "data" / "train").exists()
-    assert tracked_stages(mlflow_url, "served") == {"prepare": "FINISHED"}
+    assert tracked_stages(servers, "served") == {"prepare": "FINISHED"}
     assert not (repo / "mlflow.db").exists()
 
 
