@@ -73,7 +73,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def stop(proc: subprocess.Popen, grace: float = 15) -> None:
+def stop(proc: subprocess.Popen, grace: float) -> None:
     """Stop a process started in its own session and everything it spawned: flow runs start
     their own process groups, so signal every group in the tree (all of them ours), SIGTERM
     first, SIGKILL after `grace` seconds."""
@@ -97,7 +97,7 @@ def stop(proc: subprocess.Popen, grace: float = 15) -> None:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], cwd: Path, env: dict[str, str], log: Path):
+def running(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, grace: float = 15):
     """A long-running command in its own session, logging to `log`, stopped on exit."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -105,7 +105,7 @@ def running(cmd: list[str], cwd: Path, env: dict[str, str], log: Path):
     try:
         yield proc
     finally:
-        stop(proc)
+        stop(proc, grace)
 
 
 def wait_for(what: str, check, proc: subprocess.Popen, log: Path, timeout: float = 120):
@@ -194,8 +194,9 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(servers, tmp_path):
     assert deployment["global_concurrency_limit"]["limit"] == 1
     assert http_json(f"{api}/work_pools/test-pool")["type"] == "process"
 
+    # A worker asked to stop leaves its poll loop at once, then took over 30 s here to exit.
     with running(["prefect", "worker", "start", "--pool", "test-pool"], repo, env,
-                 tmp_path / "worker.log"):
+                 tmp_path / "worker.log", grace=3):
         flow_run = trigger_and_watch(deployment, repo, env, api)
     assert flow_run["state"]["type"] == "COMPLETED"
     # train and what it depends on, nothing after it
