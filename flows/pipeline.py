@@ -4,7 +4,8 @@ Each stage is a Prefect task that calls `dvc repro --single-item <stage>` in the
 order, so DVC decides what is stale, caches the outputs and updates dvc.lock: after the flow,
 `dvc status` has nothing to do and the artifacts are the ones `dvc repro` makes. With
 PREFECT_API_URL unset the flow runs against a temporary local server; set it to schedule and
-observe runs on a Prefect server.
+observe runs on a Prefect server (`gradprune serve` / `gradprune deploy`, docs/SCALE.md).
+`stages` narrows a run to those stages and what they depend on, as `dvc repro <stage>` does.
 
 Overrides are dotted params keys (`{"masks.sparsity": 0.7}`), written into params.yaml (as
 `dvc exp run -S` does, comments kept) after validation, and recorded as the flow run's
