@@ -1,4 +1,13 @@
-"""`gradprune` command line: run the pipeline flow locally (no server needed)."""
+"""`gradprune` command line: run the pipeline flow now, or schedule it on a Prefect server.
+
+    gradprune run    [--set KEY=VALUE]... [--stage STAGE]...   run now (no server needed)
+    gradprune serve  --cron "0 3 * * *" [...]                   schedule; this process runs them
+    gradprune deploy --pool NAME --cron "0 3 * * *" [...]       schedule on a process work pool;
+                                                                `prefect worker start --pool NAME`
+                                                                runs them
+    gradprune exp    [--preset FILE] [--set KEY=VALUE]... [STAGE]...   a DVC experiment
+Every command takes --preset presets/<name>.yaml (dotted overrides); --set wins over it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,12 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def prefect_defaults() -> None:
@@ -25,7 +39,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: --set {item!r}: write key.path=value, e.g. masks.sparsity=0.7")
+            fail(f"--set {item!r}: write key.path=value, e.g. masks.sparsity=0.7")
         overrides[key.strip()] = parse_value(text)
     return overrides
 
@@ -70,24 +84,105 @@ def hydra(value) -> str:
     return json.dumps(value)  # numbers, true/false, null
 
 
+def flow_parameters(args: argparse.Namespace, overrides: dict) -> dict:
+    """The pipeline flow's parameters, checked against the repository before anything runs:
+    a scheduled run must not be the first to find a bad params file, override or stage name."""
+    from flows.dag import stage_graph, topological_order
+    from gradprune.config import apply_overrides, read_params_file
+
+    root = Path(args.repo).resolve()
+    apply_overrides(read_params_file(root / "params.yaml"), overrides)
+    topological_order(stage_graph(root / "dvc.yaml"), args.stages or None)
+    return {"overrides": overrides or None, "repo": str(root), "stages": args.stages or None}
+
+
+def check_cron(cron: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise ValueError(f"--cron {cron!r}: not a cron expression; write five fields, minute "
+                         "hour day-of-month month day-of-week, e.g. '0 3 * * *'") from None
+
+
+def require_server() -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        fail("scheduling needs a Prefect server: start one with `prefect server start --host "
+             "127.0.0.1 --port 4200`, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def serve(name: str, cron: str | None, parameters: dict) -> None:
+    from flows.pipeline import pipeline
+
+    # Blocks: this process polls the server and runs each scheduled or triggered flow run in
+    # a subprocess, one at a time (two runs in one workspace would race on DVC's lock).
+    pipeline.serve(name=name, cron=cron, parameters=parameters, global_limit=1,
+                   pause_on_shutdown=False)
+
+
+def deploy(name: str, cron: str | None, parameters: dict, pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from flows.pipeline import pipeline
+
+    async def pool_type() -> str:
+        async with get_client() as client:
+            try:
+                return (await client.read_work_pool(pool)).type
+            except ObjectNotFound:
+                await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                print(f"created process work pool {pool!r}")
+                return "process"
+
+    found = run_coro_as_sync(pool_type())
+    if found != "process":
+        fail(f"--pool {pool!r} is a {found!r} work pool; the pipeline runs in a repository on "
+             "the worker's disk, so use a 'process' pool (another name creates one)")
+    # The worker runs the flow in the repository folder: on another machine, a clone at the
+    # same path (see docs/SCALE.md).
+    deployment_id = pipeline.from_source(
+        source=parameters["repo"], entrypoint="flows/pipeline.py:pipeline",
+    ).deploy(name=name, work_pool_name=pool, cron=cron, parameters=parameters,
+             concurrency_limit=1, print_next_steps=False, ignore_warnings=True)
+    print(f"deployment gradprune-pipeline/{name} ({deployment_id}) on pool {pool!r}; "
+          f"start a worker: prefect worker start --pool {pool}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gradprune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gradprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline as a Prefect flow through DVC")
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
-    run.add_argument("--preset", help="a YAML file of dotted overrides (presets/*.yaml); "
-                                      "--set wins over it")
-    run.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    serve_cmd = sub.add_parser("serve", help="schedule the flow on the Prefect server at "
+                               "PREFECT_API_URL and run its flow runs in this process")
+    deploy_cmd = sub.add_parser("deploy", help="schedule the flow on a process work pool of the "
+                                "Prefect server at PREFECT_API_URL")
     exp = sub.add_parser("exp", help="run the pipeline as a DVC experiment (`dvc exp run`)")
-    exp.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
-    exp.add_argument("--preset", help="a YAML file of dotted overrides; --set wins over it")
+    for command in (run, serve_cmd, deploy_cmd, exp):
+        command.add_argument("--set", dest="overrides", action="append", default=[],
+                             metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
+        command.add_argument("--preset", help="a YAML file of dotted overrides (presets/*.yaml); "
+                                              "--set wins over it")
+    for command in (run, serve_cmd, deploy_cmd):
+        command.add_argument("--stage", dest="stages", action="append", default=[],
+                             metavar="STAGE", help="run only this stage and what it depends on "
+                             "(repeatable; default: every stage)")
+        command.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    for command in (serve_cmd, deploy_cmd):
+        command.add_argument("--name", default="gradprune", help="deployment name (default: %(default)s)")
+        command.add_argument("--cron", default=None, help="schedule, e.g. '0 3 * * *' (03:00 "
+                             "every day, UTC); without it the deployment runs only when triggered")
+    deploy_cmd.add_argument("--pool", required=True, help="process work pool (created if missing)")
     exp.add_argument("--name", help="the experiment's name in `dvc exp show`")
     exp.add_argument("targets", nargs="*", help="stages to run with what they need (default: all)")
     args = parser.parse_args(argv)
 
-    from gradprune.config import ParamError
     try:
         overrides = {**(preset_overrides(args.preset) if args.preset else {}),
                      **parse_overrides(args.overrides)}
@@ -98,12 +193,21 @@ def main(argv: list[str] | None = None) -> None:
             print(" ".join(cmd[1:]), flush=True)
             sys.exit(subprocess.run(cmd + (["--name", args.name] if args.name else [])).returncode)
         prefect_defaults()
+        parameters = flow_parameters(args, overrides)
+        if args.command != "run" and args.cron is not None:
+            check_cron(args.cron)
+    except (ValueError, FileNotFoundError) as err:  # ParamError is a ValueError
+        fail(str(err))
+    if args.command == "run":
         from flows.pipeline import pipeline
-        outcome = pipeline(overrides=overrides or None, repo=args.repo)
-    except (ParamError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(outcome, indent=2))
+
+        print(json.dumps(pipeline(**parameters), indent=2))
+    elif args.command == "serve":
+        require_server()
+        serve(args.name, args.cron, parameters)
+    else:
+        require_server()
+        deploy(args.name, args.cron, parameters, args.pool)
 
 
 if __name__ == "__main__":

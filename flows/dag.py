@@ -36,8 +36,13 @@ def stage_graph(dvc_file: str | Path = "dvc.yaml") -> dict[str, list[str]]:
     return graph
 
 
-def topological_order(graph: dict[str, list[str]]) -> list[str]:
-    """Stages so that each comes after everything it depends on (dvc.yaml order among equals)."""
+def topological_order(graph: dict[str, list[str]], targets: list[str] | None = None) -> list[str]:
+    """Stages so that each comes after everything it depends on (dvc.yaml order among equals):
+    every stage, or only `targets` and what they depend on, as `dvc repro <target>` runs."""
+    unknown = [t for t in targets or [] if t not in graph]
+    if unknown:
+        raise ValueError(f"unknown stage {', '.join(map(repr, unknown))}: dvc.yaml has "
+                         f"{', '.join(graph)}")
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -54,4 +59,13 @@ def topological_order(graph: dict[str, list[str]]) -> list[str]:
 
     for name in graph:
         visit(name)
-    return order
+    if not targets:
+        return order
+    needed: set[str] = set()
+    pending = list(targets)
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending.extend(graph[name])
+    return [name for name in order if name in needed]

@@ -4,7 +4,8 @@ Each stage is a Prefect task that calls `dvc repro --single-item <stage>` in the
 order, so DVC decides what is stale, caches the outputs and updates dvc.lock: after the flow,
 `dvc status` has nothing to do and the artifacts are the ones `dvc repro` makes. With
 PREFECT_API_URL unset the flow runs against a temporary local server; set it to schedule and
-observe runs on a Prefect server.
+observe runs on a Prefect server (`gradprune serve` / `gradprune deploy`, docs/SCALE.md).
+`stages` narrows a run to those stages and what they depend on, as `dvc repro <stage>` does.
 
 Overrides are dotted params keys (`{"masks.sparsity": 0.7}`), written into params.yaml (as
 `dvc exp run -S` does, comments kept) after validation, and recorded as the flow run's
@@ -71,14 +72,16 @@ def run_stage(stage: str, parent_run_id: str, repo: str) -> str:
 
 
 @flow(name="gradprune-pipeline", log_prints=True)
-def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".") -> dict[str, str]:
-    """Run every dvc.yaml stage in dependency order; returns {stage: "ran" | "skipped"}."""
+def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
+             stages: list[str] | None = None) -> dict[str, str]:
+    """Run the dvc.yaml stages in dependency order: all of them, or only `stages` and what
+    they depend on (as `dvc repro <stage>`); returns {stage: "ran" | "skipped"}."""
     root = Path(repo).resolve()
     params_file = root / "params.yaml"
+    order = topological_order(stage_graph(root / "dvc.yaml"), stages)
     if overrides:
         write_overrides(params_file, overrides)
     params = load_params(params_file)
-    order = topological_order(stage_graph(root / "dvc.yaml"))
     parent_id = create_parent_run(params, launcher="prefect", root=root,
                                   overrides=overrides or {})
     outcome: dict[str, str] = {}

@@ -73,7 +73,7 @@ def make_micro_repo(folder: Path, overrides: dict | None = None) -> Path:
     return folder
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300):
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900):
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

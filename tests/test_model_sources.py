@@ -262,7 +262,7 @@ def test_the_micro_dag_prunes_a_pretrained_source(tmp_path, kind):
         "model": {"source": str(source)}, "data": {"tokenizer": "model"}, "train": {"steps": 0},
         "compare": {"zeroshot": False, "finetune": False},
         "evaluate": {"tasks": ["piqa"], "speed": {"enabled": False}}})
-    run([sys.executable, "-m", "dvc", "repro"], repo, run_env(tmp_path), timeout=600)
+    run([sys.executable, "-m", "dvc", "repro"], repo, run_env(tmp_path))
 
     dense = load_file(repo / "data" / "train" / "model" / "model.safetensors")
     for name, tensor in original.state_dict().items():

@@ -7,11 +7,13 @@ one parent run per execution with a nested run per stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from conftest import make_micro_repo, run, run_env
@@ -139,6 +141,42 @@ def test_two_runs_from_scratch_are_bit_identical(repro_repo, flow_repo):
     for rel in ("data/masks/masks.safetensors", "data/average/model/model.safetensors",
                 "data/train/model/model.safetensors", "data/prepare/train.parquet"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def files_under(root: Path, paths: list[str]) -> dict[str, str]:
+    """{relative path: sha256} of every file in these files and folders."""
+    files = {}
+    for path in paths:
+        top = root / path
+        for file in sorted([top] if top.is_file() else top.rglob("*")):
+            if file.is_file():
+                files[str(file.relative_to(root))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return files
+
+
+def test_dvc_push_then_pull_restores_every_artifact_in_a_fresh_clone(repro_repo, tmp_path):
+    repo, env, _ = repro_repo
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = sorted({out["path"] for stage in lock["stages"].values() for out in stage["outs"]})
+    assert {"data/prepare", "data/train", "data/average", "metrics/evaluate.json"} <= set(outs)
+    remote = tmp_path / "remote"
+    # The committed default remote, pointed elsewhere for this clone only (.dvc/config.local).
+    run(DVC + ["remote", "modify", "--local", "storage", "url", str(remote)], repo, env)
+    # dvc.lock and the uncached metrics and plots travel through git, the data through DVC.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(["git", "add", "-A"], repo, env)
+    run(git + ["commit", "-qm", "pipeline results"], repo, env)
+    run(DVC + ["push"], repo, env)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "data" / "train").exists()
+    run(DVC + ["remote", "modify", "--local", "storage", "url", str(remote)], clone, env)
+    run(DVC + ["pull"], clone, env)
+    assert files_under(clone, outs) == files_under(repo, outs)
+    assert len(files_under(repo, outs)) > 30
+    assert "up to date" in run(DVC + ["status"], clone, env)
+    assert "Running stage" not in run(DVC + ["repro"], clone, env)
 
 
 def test_a_compare_row_fine_tunes_exactly_as_the_main_path(repro_repo):
