@@ -56,8 +56,11 @@ def test_attention_equals_torch_multihead_attention_under_causal_and_padding_mas
     got = ours(x, memory, memory, key_padding_mask=keys_padded)[0]
     want = stock(x, memory, memory, key_padding_mask=keys_padded, need_weights=False)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    def additive(mask):
+        return torch.zeros(mask.shape).masked_fill(mask, float("-inf"))
+
     padded = torch.tensor([[F] * 5, [F] * 3 + [T] * 2])
-    for mask in (causal_mask(5), torch.zeros(5, 5).masked_fill(causal_mask(5), float("-inf"))):
+    for mask, padded in ((causal_mask(5), padded), (additive(causal_mask(5)), additive(padded))):
         got = ours(x, x, x, attn_mask=mask, key_padding_mask=padded)[0]
         want = stock(x, x, x, attn_mask=mask, key_padding_mask=padded, need_weights=False)[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
