@@ -308,7 +308,8 @@ def test_span_corruption_examples_are_seeded():
 
 # --- params -----------------------------------------------------------------------------------
 
-SEQ2SEQ = {"model": {"arch": "seq2seq"}, "gradients": {"include": list(INCLUDE)}}
+SEQ2SEQ = {"model": {"arch": "seq2seq"}, "gradients": {"include": list(INCLUDE)},
+           "compare": {"zeroshot": False}}
 
 
 @pytest.mark.parametrize("changes, key", [
@@ -325,6 +326,7 @@ SEQ2SEQ = {"model": {"arch": "seq2seq"}, "gradients": {"include": list(INCLUDE)}
                                                     "mean_span_length": 1}}},
      "data.span_corruption.noise_density"),
     ({"evaluate": {"exact_match_limit": 0}}, "evaluate.exact_match_limit"),
+    ({"compare": {"zeroshot": True}}, "compare.zeroshot"),
 ])
 def test_seq2seq_params_refused_name_their_key(changes, key):
     with pytest.raises(ParamError) as err:
