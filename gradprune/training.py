@@ -32,6 +32,7 @@ from torch import nn
 from gradprune.config import TrainParams
 from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.masks import apply_masks
+from gradprune.model import summed_loss
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,13 @@ def batch_order(n_blocks: int, batch_size: int, steps: int, seed: int) -> torch.
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int, bf16: bool) -> float:
-    """Mean next-token cross-entropy over all predicted tokens of `blocks`."""
+    """Mean next-token cross-entropy over all predicted tokens of `blocks` (model.summed_loss)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch).logits
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-            reduction="sum")
+        loss, tokens = summed_loss(model, blocks[start:start + batch_size], bf16)
         total += loss.item()
-        count += batch[:, 1:].numel()
+        count += tokens
     return total / count
 
 

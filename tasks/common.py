@@ -120,6 +120,43 @@ def test_tokens(params: Params):
     return tokens if params.evaluate.max_tokens is None else tokens[: params.evaluate.max_tokens]
 
 
+def test_examples(params: Params, target_length: int, limit: int | None = None):
+    """The first seq2seq test examples (packed rows): at most `limit`, and no more than hold
+    evaluate.max_tokens target tokens."""
+    import math
+
+    from gradprune.data import read_blocks
+
+    rows = read_blocks(DATA / "prepare" / "test.parquet")
+    if params.evaluate.max_tokens is not None:
+        rows = rows[: math.ceil(params.evaluate.max_tokens / target_length)]
+    return rows if limit is None else rows[:limit]
+
+
+def test_perplexity(model, params: Params) -> dict:
+    """Test perplexity as compare and evaluate report it: sliding windows over the test token
+    stream for a decoder LM; for the seq2seq model, target-token perplexity of the test
+    examples (teacher forcing, pad tokens not scored)."""
+    import math
+
+    from gradprune.evaluation import sliding_window_perplexity
+    from gradprune.model import bf16_enabled
+    from gradprune.seq2seq import Seq2SeqTransformer
+    from gradprune.training import mean_loss
+
+    cfg = params.evaluate
+    bf16 = bf16_enabled(cfg.bf16)
+    if isinstance(model, Seq2SeqTransformer):
+        rows = test_examples(params, model.config.target_length)
+        loss = mean_loss(model, rows, cfg.batch_size, bf16)
+        targets = model.split(rows)[1]
+        return {"perplexity": math.exp(loss), "loss": loss, "examples": len(rows),
+                "tokens_scored": int((targets != model.config.pad_token_id).sum())}
+    context, stride = perplexity_window(params)
+    return sliding_window_perplexity(model, test_tokens(params), context, stride,
+                                     cfg.batch_size, bf16)
+
+
 def perplexity_window(params: Params) -> tuple[int, int]:
     """(context, stride) of sliding-window perplexity: the evaluate params or their defaults."""
     context = params.evaluate.context or params.data.block_size

@@ -1,9 +1,9 @@
 """compare@<criterion>-<pattern>: one row of the comparison of pruning methods.
 
 Prunes the dense model with one criterion and pattern from the statistics the gradients stage
-collected (no second gradient pass) and scores it on the same test tokens and windows as the
-evaluate stage: perplexity, and with compare.zeroshot the evaluate.tasks benchmarks. With
-compare.finetune the row then fine-tunes and averages exactly as the finetune and average
+collected (no second gradient pass) and scores it on the same test tokens and windows (target
+tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot the
+evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly as the finetune and average
 stages do (their params, their code, checkpoints in a temporary folder) and scores the merge
 again. The row is this stage's metrics file.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
-from gradprune.evaluation import parameter_counts, sliding_window_perplexity
-from gradprune.model import bf16_enabled, load_model
+from gradprune.evaluation import parameter_counts
+from gradprune.model import load_model
 from gradprune.pruning import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.stats import load_stats, load_stats_info
 from tasks.average import average_into
-from tasks.common import DATA, Stage, perplexity_window, stage_main, test_tokens, zero_shot
+from tasks.common import DATA, Stage, stage_main, test_perplexity, zero_shot
 from tasks.finetune import finetune_runs, finetune_summary
 
 STATS = DATA / "gradients" / "stats.safetensors"
@@ -52,20 +52,18 @@ def run(params: Params, stage: Stage) -> dict:
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
     tokenizer = load_tokenizer(DENSE)
-    context, stride = perplexity_window(params)
-    tokens = test_tokens(params)
 
     def scores(model) -> dict:
-        scored = sliding_window_perplexity(model, tokens, context, stride,
-                                           params.evaluate.batch_size,
-                                           bf16_enabled(params.evaluate.bf16))
+        scored = test_perplexity(model, params)
         return {"sparsity": prunable_sparsity(model, shapes),
-                "test_perplexity": scored["perplexity"], **parameter_counts(model),
+                "test_perplexity": scored["perplexity"], "tokens_scored": scored["tokens_scored"],
+                # The sliding window of a decoder LM's perplexity (a seq2seq model has none).
+                **{k: scored[k] for k in ("context", "stride") if k in scored},
+                **parameter_counts(model),
                 **(zero_shot(model, tokenizer, params) if params.compare.zeroshot else {})}
 
     row = {"criterion": criterion, "pattern": pattern, "scope": cfg.scope,
-           "sparsity_asked": cfg.sparsity, **scores(model),
-           "tokens_scored": len(tokens) - 1, "context": context, "stride": stride}
+           "sparsity_asked": cfg.sparsity, **scores(model)}
     if params.compare.finetune:
         # A structurally smaller model has nothing left to mask.
         masks = {} if pruned.smaller is not None else pruned.masks

@@ -2,10 +2,13 @@
 
 Rows: the dense model, the pruned model before fine-tuning, the last fine-tuning checkpoint,
 the averaged final model, and the compare stages' rows (criterion x pattern, before and, with
-compare.finetune, after fine-tuning). Columns: sliding-window test perplexity, zero-shot accuracy (acc and
-acc_norm, scored as lm-evaluation-harness scores them) per task, sparsity, parameters, bytes of
-the dense and the sparse export, prefill and decode tokens/s. Writes metrics.json (DVC metrics),
-plots (DVC plots) and report.md / report.html.
+compare.finetune, after fine-tuning). Columns: sliding-window test perplexity, zero-shot
+accuracy (acc and acc_norm, scored as lm-evaluation-harness scores them) per task, sparsity,
+parameters, bytes of the dense and the sparse export, prefill and decode tokens/s. For the encoder-decoder
+(model.arch seq2seq): target-token test perplexity and exact match of greedy decoding instead of
+the decoder-LM measures (zero-shot tasks, running-text perplexity, speed), which the report
+names as not run. Writes metrics.json (DVC metrics), plots (DVC plots) and report.md /
+report.html.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from gradprune.io import atomic_dir, read_json
 from gradprune.masks import load_masks
 from gradprune.model import bf16_enabled, load_model
 from gradprune.pruning import MASKS_FILE, load_pruned_model, prunable_sparsity
+from gradprune.seq2seq import exact_match
 from gradprune.sparse_export import save_sparse, sparse_size_report
 from gradprune.speed import measure_speed, sparse_kernel_speed
-from tasks.common import (DATA, METRICS, PLOTS, Stage, perplexity_window, stage_main, test_tokens,
-                          zero_shot)
+from tasks.common import (DATA, METRICS, PLOTS, Stage, perplexity_window, stage_main,
+                          test_examples, test_perplexity, zero_shot)
 
 OUT = DATA / "evaluate"
 DENSE = DATA / "train" / "model"
@@ -75,21 +79,31 @@ def run(params: Params, stage: Stage) -> dict:
     cfg = params.evaluate
     bf16 = bf16_enabled(cfg.bf16)
     tokenizer = load_tokenizer(DENSE)
+    seq2seq = params.model.arch == "seq2seq"
     context, stride = perplexity_window(params)
-    streams = {"test": test_tokens(params)}
+    # Perplexity of running text, zero-shot multiple choice and generation speed measure a
+    # decoder LM; the encoder-decoder reports target perplexity and exact match instead.
+    extra_streams = {}
     for path in cfg.extra_texts:
         ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
-        streams[Path(path).stem] = torch.tensor(ids)
+        extra_streams[Path(path).stem] = torch.tensor(ids)
+    tasks = () if seq2seq else cfg.tasks
     dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
     factories = pipeline_models()
     rows: dict[str, dict] = {}
     for name, make in factories.items():
         model = make()
-        row = {f"perplexity_{s}": sliding_window_perplexity(
-                   model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
-               for s, ids in streams.items()}
-        row.update(zero_shot(model, tokenizer, params))
+        scored = test_perplexity(model, params)
+        row = {"perplexity_test": scored["perplexity"]}
+        row.update({f"perplexity_{s}": sliding_window_perplexity(
+                        model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
+                    for s, ids in extra_streams.items()})
+        if seq2seq:
+            examples = test_examples(params, model.config.target_length, cfg.exact_match_limit)
+            row["exact_match"] = exact_match(model, examples, cfg.batch_size, bf16)
+            row["exact_match_examples"] = len(examples)
+        row.update(zero_shot(model, tokenizer, params) if tasks else {"tasks": {}})
         row["sparsity"] = prunable_sparsity(model, dense_shapes)
         row.update(parameter_counts(model))
         row["bytes"] = export_bytes(model)
@@ -97,7 +111,7 @@ def run(params: Params, stage: Stage) -> dict:
         del model
 
     speed = {}
-    if cfg.speed.enabled:
+    if cfg.speed.enabled and not seq2seq:
         s = cfg.speed
         speed = measure_speed(factories, len(tokenizer), s.prompt_len, s.new_tokens,
                               tuple(s.batch_sizes), s.repeats, bf16)
@@ -120,17 +134,20 @@ def run(params: Params, stage: Stage) -> dict:
             "layer_sparsity.png": _plot_layers(out / "layer_sparsity.png", layer_rows),
             "accuracy_vs_sparsity.png": _plot_accuracy(out / "accuracy_vs_sparsity.png", rows),
         }
-        table = _table(params, rows, compared, speed)
+        table = _table(tasks, rows, compared, speed)
         (out / "report.md").write_text(_markdown(params, context, stride, table, speed))
         (out / "report.html").write_text(_html(params, context, stride, table, speed,
                                                {k: out / k for k, v in plots.items() if v}))
     stage.write_plot("layer_sparsity", layer_rows)
     stage.log_artifacts(OUT, "report")
+    # `scored` is the last model's; every model is scored on the same tokens.
+    window = {"test_target_tokens_scored": scored["tokens_scored"],
+              "test_examples": scored["examples"]} if seq2seq else {
+        "context": context, "stride": stride, "test_tokens_scored": scored["tokens_scored"]}
     return {
-        "context": context,
-        "stride": stride,
-        "test_tokens_scored": len(streams["test"]) - 1,
-        "tasks": list(cfg.tasks),
+        "arch": params.model.arch,
+        **window,
+        "tasks": list(tasks),
         "limit": cfg.limit,
         "bf16": bf16,
         "criterion": params.masks.criterion,
@@ -142,21 +159,27 @@ def run(params: Params, stage: Stage) -> dict:
     }
 
 
-def _table(params: Params, rows: dict, compared: list[dict], speed: dict) -> tuple[list, list]:
-    """Header and rows of the report's one table (strings)."""
-    tasks = list(params.evaluate.tasks)
-    header = ["model", "test ppl", *[f"{t} acc/acc_n" for t in tasks], "avg acc", "sparsity",
-              "params", "non-zero", "dense MB", "sparse MB", "decode tok/s (b1)"]
+def _table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict
+           ) -> tuple[list, list]:
+    """Header and rows of the report's one table (strings); columns of measures that were not
+    taken (exact match of a decoder LM, accuracy without tasks, speed) are left out."""
+    generated = any("exact_match" in r for r in rows.values())
+    timed = any(name in speed for name in rows)
+    header = ["model", "test ppl", *(["exact match"] if generated else []),
+              *[f"{t} acc/acc_n" for t in tasks], *(["avg acc"] if tasks else []), "sparsity",
+              "params", "non-zero", "dense MB", "sparse MB",
+              *(["decode tok/s (b1)"] if timed else [])]
     body = []
     for name, r in rows.items():
         decode = speed.get(name, {}).get("batch_1", {}).get("decode_tokens_per_s")
         body.append([
             name, f"{r['perplexity_test']:.2f}",
+            *([f"{r['exact_match']:.3f}"] if generated else []),
             *[f"{r['tasks'][t]['acc']:.3f}/{r['tasks'][t]['acc_norm']:.3f}" for t in tasks],
-            f"{r['average_acc']:.3f}" if tasks else "-", f"{r['sparsity']:.3f}",
+            *([f"{r['average_acc']:.3f}"] if tasks else []), f"{r['sparsity']:.3f}",
             f"{r['parameters']:,}", f"{r['nonzero']:,}",
             f"{r['bytes']['dense_export'] / 1e6:.1f}", f"{r['bytes']['sparse_export'] / 1e6:.1f}",
-            f"{decode:.0f}" if decode else "-"])
+            *([f"{decode:.0f}" if decode else "-"] if timed else [])])
     for c in compared:
         name = f"{c['criterion']} {c['pattern']}"
         rows = [(f"{name} (no fine-tuning)", c)]
@@ -164,22 +187,37 @@ def _table(params: Params, rows: dict, compared: list[dict], speed: dict) -> tup
             rows.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
         for label, r in rows:
             scored = r.get("tasks", {})
-            body.append([label, f"{r['test_perplexity']:.2f}",
+            body.append([label, f"{r['test_perplexity']:.2f}", *(["-"] if generated else []),
                          *[f"{scored[t]['acc']:.3f}/{scored[t]['acc_norm']:.3f}" if t in scored
                            else "-" for t in tasks],
-                         f"{r['average_acc']:.3f}" if "average_acc" in r else "-",
+                         *([f"{r['average_acc']:.3f}" if "average_acc" in r else "-"]
+                           if tasks else []),
                          f"{r['sparsity']:.3f}", f"{r['parameters']:,}", f"{r['nonzero']:,}",
-                         "-", "-", "-"])
+                         "-", "-", *(["-"] if timed else [])])
     return header, body
 
 
 def _caption(params: Params, context: int, stride: int) -> list[str]:
     m = params.masks
     tasks = params.evaluate
+    pruned = (f"Criterion `{m.criterion}` ({m.variant}), pattern `{m.pattern}`, sparsity asked "
+              f"{m.sparsity} (tau {m.tau}, scope {m.scope}); fine-tuning merged by "
+              f"`{params.average.method}`.")
+    if params.model.arch == "seq2seq":
+        return [
+            "Encoder-decoder Transformer (model.arch seq2seq) on span corruption. " + pruned,
+            f"Test ppl: perplexity of the target tokens (teacher forcing) of the test examples "
+            f"holding the first {tasks.max_tokens or 'all'} target tokens. Exact match: greedy "
+            f"decoding reproduces the whole target, on the first "
+            f"{tasks.exact_match_limit or 'all'} test examples. Sparsity is over the prunable "
+            "Linears (attention of both stacks, cross-attention, FFN); dense/sparse MB are the "
+            "sizes of a plain safetensors export and of the bitmask + values export.",
+            "Not run for an encoder-decoder, being decoder-LM measures: zero-shot multiple "
+            "choice (evaluate.tasks), sliding-window perplexity of running text, generation "
+            "speed and the sparse-kernel timing (evaluate.speed).",
+        ]
     return [
-        f"Criterion `{m.criterion}` ({m.variant}), pattern `{m.pattern}`, sparsity asked "
-        f"{m.sparsity} (tau {m.tau}, scope {m.scope}); fine-tuning merged by "
-        f"`{params.average.method}`.",
+        pruned,
         f"Perplexity: sliding windows of {context} tokens, stride {stride}, over the first "
         f"{tasks.max_tokens or 'all'} test tokens. Zero-shot: first {tasks.limit or 'all'} "
         "questions per task (validation splits), acc / acc_norm as lm-evaluation-harness "

@@ -1,15 +1,21 @@
-"""prepare: corpus -> cleaned documents, document-level split, tokenizer, token blocks."""
+"""prepare: corpus -> cleaned documents, document-level split, tokenizer, token blocks.
+
+For model.arch seq2seq each block of data.block_size text tokens becomes one span-corruption
+example, stored packed as [source | target] rows in the same Parquet files, with task.json
+saying where the source ends.
+"""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradprune.config import Params
-from gradprune.data import (CorpusError, clean_documents, load_documents, load_source_tokenizer,
-                            load_tokenizer, split_documents, token_blocks, train_bpe_tokenizer,
-                            write_blocks)
-from gradprune.io import atomic_dir
+from gradprune.config import Params, span_counts
+from gradprune.data import (TASK_FILE, CorpusError, add_seq2seq_tokens, clean_documents,
+                            load_documents, load_source_tokenizer, load_tokenizer,
+                            sentinel_tokens, span_corruption_examples, split_documents,
+                            token_blocks, train_bpe_tokenizer, write_blocks)
+from gradprune.io import atomic_dir, write_json
 from tasks.common import DATA, Stage, stage_main
 
 OUT = DATA / "prepare"
@@ -38,9 +44,14 @@ def run(params: Params, stage: Stage) -> dict:
                 f"data.block_size={cfg.block_size} tokens; use a larger corpus (or raise "
                 f"data.max_documents / data.{name if name != 'train' else 'val'}_fraction) "
                 "or a smaller data.block_size")
+    task = None
+    if params.model.arch == "seq2seq":
+        blocks, task = seq2seq_task(params, tokenizer, blocks)
 
     with atomic_dir(OUT) as out:
         tokenizer.save_pretrained(out / "tokenizer")
+        if task is not None:
+            write_json(out / TASK_FILE, task)
         corpus = pa.table({
             "split": [name for name in SPLITS for _ in splits[name]],
             "text": [doc for name in SPLITS for doc in splits[name]]})
@@ -57,7 +68,27 @@ def run(params: Params, stage: Stage) -> dict:
         "blocks": {name: len(blocks[name]) for name in SPLITS},
         "block_size": cfg.block_size,
         "vocab_size": len(tokenizer),
+        **({"task": task} if task else {}),
     }
+
+
+def seq2seq_task(params: Params, tokenizer, text_blocks: dict) -> tuple[dict, dict]:
+    """Span-corruption examples of every split's text blocks, and the task's layout."""
+    cfg = params.data.span_corruption
+    noise, spans = span_counts(params.data.block_size, cfg.noise_density, cfg.mean_span_length)
+    add_seq2seq_tokens(tokenizer, spans)
+    sentinels = tokenizer.convert_tokens_to_ids(sentinel_tokens(spans))
+    examples = {name: span_corruption_examples(text_blocks[name], noise, spans, sentinels,
+                                               tokenizer.eos_token_id, params.seed + i)
+                for i, name in enumerate(SPLITS)}
+    source_length = params.data.block_size - noise + spans + 1
+    return examples, {
+        "task": "span_corruption", "source_length": source_length,
+        "target_length": noise + spans + 1, "masked_tokens": noise, "spans": spans,
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+        # EOS starts the decoder, as in BART: decoder key padding comes from pad tokens, so
+        # the start token must not be the pad token (T5's choice).
+        "decoder_start_token_id": tokenizer.eos_token_id}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""train: the dense LLaMA-architecture model, trained from scratch on the prepared blocks, or a
-pretrained model.source after train.steps of continued pretraining (possibly none)."""
+"""train: the dense model (model.arch: the LLaMA-architecture decoder or the encoder-decoder),
+trained from scratch on the prepared blocks, or a pretrained model.source after train.steps of
+continued pretraining (possibly none)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import math
 import time
 
 from gradprune.config import Params
-from gradprune.data import load_tokenizer, read_blocks
+from gradprune.data import TASK_FILE, load_tokenizer, read_blocks
 from gradprune.evaluation import parameter_counts, unigram_perplexity
-from gradprune.io import atomic_dir
-from gradprune.model import bf16_enabled, build_llama, check_vocab, load_source_model
+from gradprune.io import atomic_dir, read_json
+from gradprune.model import (bf16_enabled, build_llama, build_seq2seq, check_vocab,
+                             load_source_model)
 from gradprune.training import mean_loss, train_lm
 from tasks.common import DATA, Stage, stage_main
 
@@ -23,7 +25,14 @@ def run(params: Params, stage: Stage) -> dict:
     tokenizer = load_tokenizer(PREPARED / "tokenizer")
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
-    if params.model.source == "scratch":
+    # unigram_perplexity scores every position of a block but the first: for packed seq2seq
+    # rows, from the source's last position on, which is exactly the target tokens.
+    scored_from = 0
+    if params.model.arch == "seq2seq":
+        task = read_json(PREPARED / TASK_FILE)
+        model = build_seq2seq(params.model, len(tokenizer), task, params.seed)
+        scored_from = task["source_length"] - 1
+    elif params.model.source == "scratch":
         model = build_llama(params.model, len(tokenizer), train_blocks.shape[1],
                             tokenizer.eos_token_id, params.seed)
     else:
@@ -47,8 +56,9 @@ def run(params: Params, stage: Stage) -> dict:
     return {
         "val_loss": val_loss,
         "val_perplexity": math.exp(val_loss),
-        "unigram_val_perplexity": unigram_perplexity(train_blocks, val_blocks[: cfg.eval_blocks],
-                                                     len(tokenizer)),
+        "unigram_val_perplexity": unigram_perplexity(
+            train_blocks[:, scored_from:], val_blocks[: cfg.eval_blocks, scored_from:],
+            len(tokenizer)),
         "train_tokens": tokens,
         "epochs": round(cfg.steps * cfg.batch_size / len(train_blocks), 3),
         "tokens_per_second": round(tokens / seconds, 1),

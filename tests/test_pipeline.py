@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -105,15 +106,16 @@ def test_repro_is_one_mlflow_parent_with_a_nested_run_per_stage(repro_repo):
     assert len(versions) == 1
 
 
-def test_pruned_weights_stay_zero_through_finetune_and_average(repro_repo):
+def assert_pruned_weights_stay_zero(repo: Path, checkpoints: int) -> dict:
+    """Every masked weight is exactly zero in every fine-tuning checkpoint and the final model;
+    returns the masks."""
     from gradprune.masks import load_masks
 
-    repo, _, _ = repro_repo
     masks = load_masks(repo / "data" / "masks" / "masks.safetensors")
     final = load_file(str(repo / "data" / "average" / "model" / "model.safetensors"))
-    checkpoints = sorted((repo / "data" / "finetune").glob("ckpt-*.safetensors"))
-    assert len(checkpoints) == 3
-    for state in [final] + [load_file(str(c)) for c in checkpoints]:
+    files = sorted((repo / "data" / "finetune").glob("ckpt-*.safetensors"))
+    assert len(files) == checkpoints
+    for state in [final] + [load_file(str(c)) for c in files]:
         kept_nonzero = kept = 0
         for name, mask in masks.items():
             weight = state[f"{name}.weight"]
@@ -122,6 +124,12 @@ def test_pruned_weights_stay_zero_through_finetune_and_average(repro_repo):
             kept += int(mask.sum())
         # The kept weights are still alive (a global criterion may empty a whole layer).
         assert kept_nonzero > 0.99 * kept
+    return masks
+
+
+def test_pruned_weights_stay_zero_through_finetune_and_average(repro_repo):
+    repo, _, _ = repro_repo
+    assert_pruned_weights_stay_zero(repo, checkpoints=3)
 
 
 def test_flow_runs_the_same_dag_and_leaves_dvc_clean(flow_repo):
@@ -204,3 +212,53 @@ def test_changing_sparsity_reruns_only_masks_and_after(repro_repo):
     masks = json.loads((repo / "metrics" / "masks.json").read_text())
     assert masks["sparsity_asked"] == 0.7
     assert abs(masks["sparsity_achieved"] - 0.7) <= 1 / masks["prunable"]
+
+
+# --- the same DAG with the encoder-decoder ----------------------------------------------------
+
+# One layer per stack and fewer test examples keep it as fast as the decoder's DAG.
+SEQ2SEQ = {"model": {"arch": "seq2seq", "layers": 1},
+           "gradients": {"include": ["encoder.layers.*", "decoder.layers.*"]},
+           "evaluate": {"max_tokens": 256, "exact_match_limit": 8},
+           # Zero-shot tasks do not apply; fine-tuned compare rows are the decoder DAG's to test.
+           "compare": {"zeroshot": False, "finetune": False}}
+
+
+def test_seq2seq_runs_the_same_dag(session_tmp):
+    from gradprune.model import load_model, summed_loss
+    from gradprune.seq2seq import Seq2SeqTransformer
+
+    repo = make_micro_repo(session_tmp / "seq2seq", SEQ2SEQ)
+    log = run(DVC + ["repro"], repo, run_env(session_tmp))
+    for stage in [s for s in STAGES if s != "compare"] + COMPARE_ROWS:
+        assert f"Running stage '{stage}'" in log
+    (children,) = runs_by_parent(repo).values()
+    assert sorted(c["stage"] for c in children) == NESTED_RUNS
+
+    prepared = json.loads((repo / "metrics" / "prepare.json").read_text())["task"]
+    assert prepared["source_length"] + prepared["target_length"] == 64 + 2 * prepared["spans"] + 2
+    masks = json.loads((repo / "metrics" / "masks.json").read_text())
+    assert masks["sparsity_achieved"] == 0.5 and masks["kept"] * 2 == masks["prunable"]
+    names = assert_pruned_weights_stay_zero(repo, checkpoints=3)
+    for part in ("encoder.layers.0.self_attn.q_proj", "decoder.layers.0.self_attn.out_proj",
+                 "decoder.layers.0.multihead_attn.k_proj", "encoder.layers.0.linear1",
+                 "decoder.layers.0.linear2"):
+        assert part in names
+
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert evaluate["arch"] == "seq2seq" and evaluate["speed"] == {} and evaluate["tasks"] == []
+    for name, row in evaluate["models"].items():
+        assert row["perplexity_test"] > 1 and 0 <= row["exact_match"] <= 1
+        assert row["exact_match_examples"] == 8 and row["tasks"] == {}
+        assert row["sparsity"] == (0.0 if name == "dense" else 0.5)
+    row = evaluate["compare"]["sparsegpt-2:4"]
+    assert row["sparsity"] == 0.5 and row["test_perplexity"] > 1
+    report = (repo / "data" / "evaluate" / "report.md").read_text()
+    assert "| exact match |" in report and "Not run for an encoder-decoder" in report
+
+    final = load_model(repo / "data" / "average" / "model")
+    assert isinstance(final, Seq2SeqTransformer)
+    from gradprune.data import read_blocks
+    test = read_blocks(repo / "data" / "prepare" / "test.parquet")[:4]
+    loss, tokens = summed_loss(final, test, bf16=False)
+    assert tokens == 4 * prepared["target_length"] and torch.isfinite(loss)
