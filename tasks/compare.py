@@ -3,9 +3,9 @@
 Prunes the dense model with one criterion and pattern from the statistics the gradients stage
 collected (no second gradient pass) and scores it on the same test tokens and windows (target
 tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot the
-evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly as the finetune and average
-stages do (their params, their code, checkpoints in a temporary folder) and scores the merge
-again. The row is this stage's metrics file.
+evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly
+as the finetune and average stages do (their params, their code, checkpoints in a temporary
+folder) and scores the merge again. The row is this stage's metrics file.
 """
 
 from __future__ import annotations
