@@ -130,7 +130,7 @@ def queue_points(points: list[dict[str, Any]], names: list[str], root: str,
 @task(name="run points")
 def run_points(names: list[str], jobs: int, root: str, env: dict[str, str]) -> dict[str, dict]:
     """Start the queue with `jobs` workers and wait for every point; returns per point its
-    status and the stages that ran in it (from its log)."""
+    status, the stages that ran in it and those DVC restored from its cache (from its log)."""
     logger = get_run_logger()
     _dvc(["queue", "start", "--jobs", str(jobs)], Path(root), env)
     pending = set(names)
@@ -138,7 +138,8 @@ def run_points(names: list[str], jobs: int, root: str, env: dict[str, str]) -> d
     while pending:
         time.sleep(POLL_SECONDS)
         for entry in _queue_status(Path(root)):
-            if entry["name"] in pending and entry["status"] in ("Success", "Failed"):
+            # Anything but Queued and Running is final: Success, Failed, or a worker lost.
+            if entry["name"] in pending and entry["status"] not in ("Queued", "Running"):
                 pending.discard(entry["name"])
                 status[entry["name"]] = entry["status"]
                 logger.info("point %s: %s (%d left)", entry["name"], entry["status"],
@@ -150,6 +151,7 @@ def run_points(names: list[str], jobs: int, root: str, env: dict[str, str]) -> d
         log = _dvc(["queue", "logs", name], Path(root), env)
         outcome[name] = {"status": status[name],
                          "ran": re.findall(r"^Running stage '([^']+)'", log, re.M),
+                         "restored": re.findall(r"^Stage '([^']+)' is cached", log, re.M),
                          "log_tail": log[-3000:] if status[name] == "Failed" else ""}
     return outcome
 
@@ -188,6 +190,7 @@ def result_rows(points: list[dict[str, Any]], names: list[str], outcome: dict[st
         for column, file, path in RESULT_COLUMNS:
             row[column] = _dotted(metrics.get(file, {}), path)
         row["stages_ran"] = ", ".join(outcome[name]["ran"])
+        row["stages_restored"] = ", ".join(outcome[name]["restored"])
         rows.append(row)
     return rows
 
@@ -206,20 +209,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_results(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
-    """PLOTTED against the first grid key, one line per combination of the other keys."""
+    """PLOTTED against the first grid key with numeric values (else the first key), one line
+    per combination of the other keys."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key, series_keys = keys[0], keys[1:]
-    numeric = all(isinstance(r[x_key], (int, float)) for r in rows)
+    def numeric(key):
+        return all(isinstance(r[key], (int, float)) and not isinstance(r[key], bool)
+                   for r in rows)
+
+    x_key = next((k for k in keys if numeric(k)), keys[0])
+    series_keys = [k for k in keys if k != x_key]
     fig, ax = plt.subplots(figsize=(6, 4))
     for combo in dict.fromkeys(tuple(r[k] for k in series_keys) for r in rows):
         line = [r for r in rows if tuple(r[k] for k in series_keys) == combo
                 and r[PLOTTED] is not None]
         label = ", ".join(f"{k}={v}" for k, v in zip(series_keys, combo)) or PLOTTED
-        xs = [r[x_key] if numeric else str(r[x_key]) for r in line]
+        xs = [r[x_key] if numeric(x_key) else str(r[x_key]) for r in line]
         ax.plot(xs, [r[PLOTTED] for r in line], marker="o", label=label)
     ax.set_xlabel(x_key)
     ax.set_ylabel("test perplexity (averaged model)")
@@ -279,7 +287,8 @@ def link_point_runs(sweep_run_id: str, sweep_name: str, names: list[str]) -> int
 def sweep(grid: dict[str, list], jobs: int = 2, name: str | None = None,
           repo: str = ".") -> dict[str, Any]:
     """Run every point of `grid` ({"masks.sparsity": [0.5, 0.7], ...}) as a DVC experiment, at
-    most `jobs` at once; returns the results folder, the shared stages and the table's rows."""
+    most `jobs` at once; returns the results folder, the shared stages ({stage: "ran" |
+    "skipped"}) and the table's rows."""
     root = Path(repo).resolve()
     points = grid_points(grid)
     check_points(root / "params.yaml", points)
@@ -293,13 +302,13 @@ def sweep(grid: dict[str, list], jobs: int = 2, name: str | None = None,
     shared = shared_stages(root / "dvc.yaml", list(grid))
     params = load_params(root / "params.yaml")
     sweep_run = create_parent_run(params, launcher="prefect-sweep", root=root,
-                                  overrides={f"grid.{k}": v for k, v in grid.items()})
+                                  overrides={f"grid.{k}": v for k, v in grid.items()},
+                                  title=f"sweep {sweep_name}")
     env = stage_environment(sweep_run)
     # The points find their own parent runs; only the shared stages belong to the sweep's.
     point_env = {k: v for k, v in env.items() if k != PARENT_ENV}
     try:
-        for stage in shared:
-            run_stage(stage, sweep_run, str(root))
+        shared_outcome = {stage: run_stage(stage, sweep_run, str(root)) for stage in shared}
         queue_points(points, names, str(root), point_env)
         outcome = run_points(names, jobs, str(root), point_env)
         folder = collect_results(sweep_name, grid, points, names, outcome, str(root), point_env)
@@ -317,4 +326,5 @@ def sweep(grid: dict[str, list], jobs: int = 2, name: str | None = None,
     MlflowClient().log_artifacts(sweep_run, str(folder), "sweep")
     finish_parent_run(sweep_run, params, root, "FINISHED")
     rows = json.loads((folder / "sweep.json").read_text())["points"]
-    return {"name": sweep_name, "results": str(folder), "shared_stages": shared, "points": rows}
+    return {"name": sweep_name, "results": str(folder), "shared_stages": shared_outcome,
+            "points": rows}

@@ -166,7 +166,8 @@ def configure_tracking(params: Params, root: Path = Path(".")) -> str:
 
 
 def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
-                      overrides: dict | None = None, execution_key: str | None = None) -> str:
+                      overrides: dict | None = None, execution_key: str | None = None,
+                      title: str | None = None) -> str:
     """A new parent run for one pipeline execution, holding every param and the overrides."""
     from mlflow.tracking import MlflowClient
 
@@ -178,8 +179,9 @@ def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
         tags["gradprune.experiment"] = os.environ[DVC_EXP_NAME_ENV]
     if overrides:
         tags["gradprune.overrides"] = ", ".join(f"{k}={v}" for k, v in overrides.items())
-    title = (f"experiment {tags['gradprune.experiment']}" if "gradprune.experiment" in tags
-             else f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if title is None:
+        title = (f"experiment {tags['gradprune.experiment']}" if "gradprune.experiment" in tags
+                 else f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}")
     parent = client.create_run(experiment_id, tags=tags, run_name=title)
     flat = {k: v for section in (f.name for f in dataclasses.fields(params) if f.name != "mlflow")
             for k, v in section_dict(params, section).items()}
