@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.cli import dvc_set_arguments
 from flows.dag import stage_graph, topological_order
 from flows.pipeline import run_stage, stage_environment
 from gradprune.config import ParamError, apply_overrides, load_params, read_params_file
@@ -91,11 +91,6 @@ def shared_stages(dvc_file: Path, keys: list[str]) -> list[str]:
     return [s for s in topological_order(graph) if s not in varied]
 
 
-def _option_text(value: Any) -> str:
-    """A value as `dvc exp run -S` parses it back (YAML 1.2, of which JSON is a part)."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _dvc(args: list[str], root: Path, env: dict[str, str]) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env,
                           capture_output=True, text=True)
@@ -123,7 +118,7 @@ def queue_points(points: list[dict[str, Any]], names: list[str], root: str,
                            "finish or remove them (`dvc queue status`, `dvc queue remove "
                            "--queued`) before sweeping")
     for point, name in zip(points, names):
-        sets = [a for key, value in point.items() for a in ("-S", f"{key}={_option_text(value)}")]
+        sets = dvc_set_arguments(point, str(Path(root) / "params.yaml"))
         _dvc(["exp", "run", "--queue", "--name", name, *sets], Path(root), env)
 
 
@@ -253,7 +248,7 @@ def collect_results(sweep_name: str, grid: dict[str, list], points: list[dict[st
         table = {c: [r[c] for r in rows] for c in rows[0]}
         for key in grid:
             if len({type(v) for v in table[key]}) > 1:
-                table[key] = [_option_text(v) for v in table[key]]
+                table[key] = [json.dumps(v) for v in table[key]]
         pq.write_table(pa.table(table), out / "results.parquet")
         with open(out / "results.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
