@@ -86,9 +86,10 @@ def session_tmp(tmp_path_factory) -> Path:
 
 
 # fp32 where processes are compared (bf16 rounding would hide the reduction-order
-# differences); a lighter evaluate, which every sweep point runs.
+# differences); a lighter evaluate and compare row, which every sweep point runs.
 UPSTREAM_PARAMS = {"gradients": {"bf16": "off"}, "finetune": {"bf16": "off"},
-                   "evaluate": {"tasks": ["piqa"], "speed": {"enabled": False}}}
+                   "evaluate": {"tasks": ["piqa"], "speed": {"enabled": False}},
+                   "compare": {"zeroshot": False, "finetune": False}}
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,9 @@ def test_a_bad_grid_point_names_its_key():
 @pytest.mark.parametrize("keys, shared", [
     (["masks.criterion"], ["prepare", "train", "gradients", "compare"]),
     (["masks.criterion", "masks.sparsity"], ["prepare", "train", "gradients"]),
-    (["finetune.lr"], ["prepare", "train", "gradients", "masks", "compare"]),
+    # compare rows may fine-tune, so they read finetune.*
+    (["finetune.lr"], ["prepare", "train", "gradients", "masks"]),
+    (["average.method"], ["prepare", "train", "gradients", "masks", "finetune"]),
     (["gradients.calibration_blocks"], ["prepare", "train"]),
     (["seed"], []),
 ])
