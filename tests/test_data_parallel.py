@@ -30,10 +30,10 @@ def repos(micro_upstream, session_tmp):
     single = copy_repo(micro_upstream, session_tmp / "dp-single")
     double = copy_repo(micro_upstream, session_tmp / "dp-double")
     shutil.rmtree(double / "data" / "gradients")
-    run(TORCHRUN + ["-m", "tasks.gradients"], double, env)
+    run(TORCHRUN + ["-m", "tasks.gradients"], double, env, timeout=900)
     # Both fine-tune from the single-process masks, so only the training loop differs.
-    run([sys.executable, "-m", "tasks.finetune"], single, env)
-    run(TORCHRUN + ["-m", "tasks.finetune"], double, env)
+    run([sys.executable, "-m", "tasks.finetune"], single, env, timeout=900)
+    run(TORCHRUN + ["-m", "tasks.finetune"], double, env, timeout=900)
     return single, double
 
 

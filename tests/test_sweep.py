@@ -73,7 +73,7 @@ def swept(micro_upstream, session_tmp):
     repo = copy_repo(micro_upstream, session_tmp / "sweep")
     env = run_env(session_tmp)
     log = run([sys.executable, "-m", "flows", "sweep", *GRID, "--jobs", "2", "--name", "sw"],
-              repo, env, timeout=900)
+              repo, env, timeout=2400)  # about 3 minutes on 2 idle cores
     return repo, env, json.loads(log[log.index("{\n"):log.rindex("}") + 1])
 
 
