@@ -6,6 +6,7 @@
                                                                 `prefect worker start --pool NAME`
                                                                 runs them
     gradprune exp    [--preset FILE] [--set KEY=VALUE]... [STAGE]...   a DVC experiment
+    gradprune sweep  --grid KEY=V1,V2 [--grid ...] [--jobs N]     a grid of DVC experiments
 Every command takes --preset presets/<name>.yaml (dotted overrides); --set wins over it.
 """
 
@@ -154,6 +155,43 @@ def deploy(name: str, cron: str | None, parameters: dict, pool: str) -> None:
           f"start a worker: prefect worker start --pool {pool}")
 
 
+def split_values(text: str) -> list[str]:
+    """"a,b,[1, 2]" -> ["a", "b", "[1, 2]"]: commas inside brackets, braces or quotes stay."""
+    parts, depth, quote, current = [], 0, None, ""
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    return parts + [current]
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    from gradprune.config import parse_value
+
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise SystemExit(f"error: --grid {item!r}: write key.path=value1,value2, e.g. "
+                             "masks.sparsity=0.5,0.7")
+        if key in grid:
+            raise SystemExit(f"error: --grid {key} given twice; list all its values in one "
+                             f"--grid {key}=value1,value2")
+        grid[key] = [parse_value(v.strip()) for v in split_values(text)]
+    return grid
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gradprune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,9 +219,27 @@ def main(argv: list[str] | None = None) -> None:
     deploy_cmd.add_argument("--pool", required=True, help="process work pool (created if missing)")
     exp.add_argument("--name", help="the experiment's name in `dvc exp show`")
     exp.add_argument("targets", nargs="*", help="stages to run with what they need (default: all)")
+    sweep = sub.add_parser("sweep", help="run a grid of params points, each a DVC experiment")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a params.yaml key and its values (repeatable: the grid is every "
+                            "combination)")
+    sweep.add_argument("--jobs", type=int, default=2, help="points run at once (default: 2)")
+    sweep.add_argument("--name", default=None,
+                       help="sweep name, prefix of its experiments' names (default: the time)")
+    sweep.add_argument("--repo", default=".", help="repository root (default: current folder)")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "sweep":
+            from flows.sweep import check_points, grid_points, sweep as run_sweep
+
+            grid = parse_grid(args.grid)
+            # Before the flow starts its Prefect server: a bad point fails at once.
+            check_points(Path(args.repo) / "params.yaml", grid_points(grid))
+            prefect_defaults()
+            outcome = run_sweep(grid=grid, jobs=args.jobs, name=args.name, repo=args.repo)
+            print(json.dumps(outcome, indent=2))
+            return
         overrides = {**(preset_overrides(args.preset) if args.preset else {}),
                      **parse_overrides(args.overrides)}
         if args.command == "exp":

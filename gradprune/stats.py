@@ -5,6 +5,10 @@ sum g, sum |g| and sum g^2 over blocks (fp32, whatever the compute dtype), and f
 prunable Linear the sum of squared inputs per input channel over all tokens, and optionally
 (for SparseGPT) the sum of input outer products X^T X. Memory is the model, its gradients and
 these accumulators: nothing grows with the number of blocks.
+
+Under torch.distributed each process takes its share of the blocks and the sums are added
+across processes before dividing, so the statistics equal one process's up to the order of
+floating-point additions.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from gradprune.parallel import all_reduce_sum, share
 
 
 def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
@@ -60,7 +66,7 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in linears.items()]
     total_loss = 0.0
     try:
-        for block in blocks:
+        for block in share(blocks):
             batch = block.unsqueeze(0)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=batch, labels=batch).loss
@@ -80,6 +86,12 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+    # Counts travel as float64, which holds the token counts and the loss sum exactly.
+    counts = torch.tensor([total_loss, *tokens.values()], dtype=torch.float64)
+    all_reduce_sum([t for per in sums.values() for t in per.values()]
+                   + list(act_sq.values()) + list(xtx.values()) + [counts])
+    total_loss = counts[0].item()
+    tokens = dict(zip(tokens, (int(c) for c in counts[1:].tolist())))
     n = len(blocks)
     stats = {}
     for name in linears:

@@ -13,6 +13,12 @@ RNG, moving average, curve, early-stopping counters) at every validation, and re
 newest complete save: a run killed at any point and rerun ends bit-identical to one that was
 never interrupted. The step counter is the data position and the schedule position, since the
 batch order and the learning rate are pure functions of it.
+
+Under torch.distributed every process takes its share of each micro-batch, weights its loss by
+that share's size and the gradients are summed across processes before clipping: the step is
+the single-process step up to the order of floating-point additions, and every process holds
+the same weights after it. Validation runs whole in every process; only the main process saves
+resumable state.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from gradprune.config import TrainParams
 from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.masks import apply_masks
 from gradprune.model import summed_loss
+from gradprune.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +194,18 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
             group["lr"] = lr
         lm_total, kd_total = 0.0, 0.0
         for indices in order[step]:
-            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[indices], bf16,
-                                                   distillation, step, indices, state_dir)
+            mine = share(indices)
+            # This process's part of the micro-batch's mean loss (1 in one process).
+            weight = len(mine) / len(indices)
+            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[mine], bf16,
+                                                   distillation, step, mine, state_dir)
             loss = lm_loss if kd_loss is None else distillation.mix(lm_loss, kd_loss)
-            (loss / grad_accum).backward()
-            lm_total += lm_loss.item() / grad_accum
+            (loss * weight / grad_accum).backward()
+            lm_total += lm_loss.item() * weight / grad_accum
             if kd_loss is not None:
-                kd_total += kd_loss.item() / grad_accum
+                kd_total += kd_loss.item() * weight / grad_accum
+        all_reduce_gradients(model)
+        lm_total, kd_total = _sum_over_processes(lm_total, kd_total)
         for p, mask in masked.items():
             p.grad.mul_(mask)
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -223,9 +235,16 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
         if val_loss is not None:
             if on_validation is not None:
                 on_validation(done, val_loss)
-            if state_dir is not None:
+            if state_dir is not None and is_main_process():
                 save_train_state(state_dir, progress, model, optimizer, ema)
     return curve
+
+
+def _sum_over_processes(*values: float) -> tuple[float, ...]:
+    """Python floats summed over processes; unchanged in one process."""
+    packed = torch.tensor(values, dtype=torch.float64)
+    all_reduce_sum([packed])
+    return tuple(packed.tolist())
 
 
 def _micro_batch_losses(model, batch, bf16, distillation, step, indices, state_dir):
@@ -303,7 +322,8 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
     average and the torch RNG; returns the loop's progress."""
     from safetensors.torch import load_file
 
-    remove_stale_temporaries(state_dir)
+    if is_main_process():  # the only writer of state_dir
+        remove_stale_temporaries(state_dir)
     saved = _newest_state(state_dir)
     if saved is None:
         return None

@@ -34,6 +34,10 @@ DATA = Path("data")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 PARENT_ENV = "GRADPRUNE_PARENT_RUN_ID"
+# Set by DVC for the stages it runs: the repository root, and the experiment's name under
+# `dvc exp run`.
+DVC_ROOT_ENV = "DVC_ROOT"
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
 EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)
 
 
@@ -181,6 +185,9 @@ def zero_shot(model, tokenizer, params: Params) -> dict:
 
 
 def _tracking_uri(params: Params, root: Path) -> str:
+    # A DVC experiment runs in a temporary copy of the repository (dvc exp run --queue/--temp)
+    # and names the repository itself in DVC_ROOT: its runs belong in that repository's store.
+    root = Path(os.environ.get(DVC_ROOT_ENV) or root)
     return (params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{root.resolve() / 'mlflow.db'}")
 
@@ -196,7 +203,8 @@ def configure_tracking(params: Params, root: Path = Path(".")) -> str:
 
 
 def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
-                      overrides: dict | None = None, execution_key: str | None = None) -> str:
+                      overrides: dict | None = None, execution_key: str | None = None,
+                      title: str | None = None) -> str:
     """A new parent run for one pipeline execution, holding every param and the overrides."""
     from mlflow.tracking import MlflowClient
 
@@ -204,10 +212,14 @@ def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
     client = MlflowClient()
     tags = {"gradprune.launcher": launcher,
             "gradprune.execution": execution_key or f"{launcher}-{os.getpid()}-{time.time_ns()}"}
+    if os.environ.get(DVC_EXP_NAME_ENV):
+        tags["gradprune.experiment"] = os.environ[DVC_EXP_NAME_ENV]
     if overrides:
         tags["gradprune.overrides"] = ", ".join(f"{k}={v}" for k, v in overrides.items())
-    parent = client.create_run(experiment_id, tags=tags,
-                               run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if title is None:
+        title = (f"experiment {tags['gradprune.experiment']}" if "gradprune.experiment" in tags
+                 else f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    parent = client.create_run(experiment_id, tags=tags, run_name=title)
     flat = {k: v for section in (f.name for f in dataclasses.fields(params) if f.name != "mlflow")
             for k, v in section_dict(params, section).items()}
     flat.update({f"override.{k}": v for k, v in (overrides or {}).items()})
@@ -248,10 +260,40 @@ def quiet_progress_bars() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def start_data_parallel(name: str, supported: bool) -> int:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
+    MASTER_ADDR...); returns the number of processes, 1 when not under torchrun. CPU tensors
+    travel over gloo, CUDA tensors over NCCL."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        return 1
+    if not supported:
+        print(f"error: stage {name} does not run data-parallel (gradients and finetune do); "
+              f"run it as `python -m tasks.{name.split('@')[0]}`, not under torchrun",
+              file=sys.stderr)
+        sys.exit(2)
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return processes
+
+
+def stop_data_parallel() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def stage_main(name: str, run: Callable[[Params, Stage], dict],
-               arguments: dict[str, dict] | None = None) -> None:
+               arguments: dict[str, dict] | None = None, data_parallel: bool = False) -> None:
     """Run a stage. `arguments` adds command-line options ({"--criterion": {...}}); a stage
-    with arguments is a matrix item named `name@<values joined by ->` (compare@gradient-2:4)."""
+    with arguments is a matrix item named `name@<values joined by ->` (compare@gradient-2:4).
+
+    A `data_parallel` stage may run under `torchrun --nproc_per_node=N -m tasks.<name>`: every
+    process runs `run`, which splits the work (gradprune.parallel); only the main process
+    (rank 0) writes outputs, metrics and MLflow runs, so its `run` returns early elsewhere."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     for flag, options in (arguments or {}).items():
@@ -266,11 +308,47 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
-    quiet_progress_bars()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
-    logging.getLogger("gradprune").addHandler(handler)
-    logging.getLogger("gradprune").setLevel(logging.INFO)
+    processes = start_data_parallel(name, data_parallel)
+    try:
+        from gradprune.parallel import is_main_process, rank_and_size
+
+        quiet_progress_bars()
+        main = is_main_process()
+        handler = logging.StreamHandler(sys.stderr)
+        prefix = name if processes == 1 else f"{name} rank {rank_and_size()[0]}"
+        handler.setFormatter(logging.Formatter(f"[{prefix}] %(message)s"))
+        logging.getLogger("gradprune").addHandler(handler)
+        # The other ranks' progress repeats the main one's.
+        logging.getLogger("gradprune").setLevel(logging.INFO if main else logging.WARNING)
+        stage = Stage(name, params)
+        stage.args = args
+        if main:
+            _run_tracked(stage, run, processes if data_parallel else None)
+        else:
+            _run_untracked(stage, run)
+    finally:
+        stop_data_parallel()
+
+
+def _report_expected_error(err: BaseException) -> None:
+    if os.environ.get("GRADPRUNE_TRACEBACK"):
+        traceback.print_exc()
+    print(f"error: {err}", file=sys.stderr)
+
+
+def _run_untracked(stage: Stage, run: Callable[[Params, Stage], dict]) -> None:
+    """A data-parallel stage's helper process: its share of the work, nothing written."""
+    try:
+        run(stage.params, stage)
+    except EXPECTED_ERRORS as err:
+        _report_expected_error(err)
+        sys.exit(1)
+
+
+def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
+                 processes: int | None) -> None:
+    """Run the stage inside its nested MLflow run and write its metrics file."""
+    name, params = stage.name, stage.params
     for folder in (DATA, METRICS, METRICS / name.split("@")[0], PLOTS):
         remove_stale_temporaries(folder)
     experiment_id = configure_tracking(params)
@@ -278,8 +356,6 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
     from mlflow.tracking import MlflowClient
 
     parent_id = _parent_run_for_stage(params, experiment_id)
-    stage = Stage(name, params)
-    stage.args = args
     stage._mlflow = mlflow
     started = time.perf_counter()
     with mlflow.start_run(run_name=name, parent_run_id=parent_id,
@@ -298,13 +374,13 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         except EXPECTED_ERRORS as err:
             MlflowClient().set_terminated(parent_id, "FAILED")
             mlflow.end_run("FAILED")
-            if os.environ.get("GRADPRUNE_TRACEBACK"):
-                traceback.print_exc()
-            print(f"error: {err}", file=sys.stderr)
+            _report_expected_error(err)
             sys.exit(1)
         except BaseException:
             MlflowClient().set_terminated(parent_id, "FAILED")
             raise
+        if processes is not None:
+            metrics["processes"] = processes
         metrics["seconds"] = round(time.perf_counter() - started, 2)
         metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         path = METRICS / f"{name.replace('@', '/')}.json"

@@ -8,6 +8,10 @@ A run in progress keeps its resumable state and checkpoints in data/.finetune-re
 the DVC output (DVC deletes a stage's outputs before rerunning it). A stage killed at any point
 continues from its last validation when rerun, if the params and input files are unchanged, and
 ends bit-identical to an uninterrupted run. The folder goes once the output is in place.
+
+Data-parallel under `torchrun --standalone --nproc_per_node=N -m tasks.finetune`: every process
+takes its share of each batch and the gradients are summed (gradprune.training), so the global
+batch is finetune.batch_size as in one process; rank 0 alone writes checkpoints, state and output.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from gradprune.io import (atomic_dir, atomic_file, read_json, remove_stale_tempo
                           sha256_file, write_json)
 from gradprune.masks import apply_masks
 from gradprune.model import bf16_enabled, load_model
+from gradprune.parallel import barrier, is_main_process, rank_and_size
 from gradprune.pruning import load_pruned_model
 from gradprune.training import Distillation, MovingAverage, mean_loss, train_lm
 from tasks.common import DATA, Stage, stage_main
@@ -81,7 +86,9 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
     record_file = folder / "run.json"
     if record_file.is_file():
         return read_json(record_file)
-    remove_stale_temporaries(folder)
+    main = is_main_process()
+    if main:
+        remove_stale_temporaries(folder)
     cfg = params.finetune
     # Seeds unlike dense training's, so every run sees the data in a new order.
     seed = params.seed + 2 + run
@@ -95,7 +102,7 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
         return f"ckpt-r{run}-{step:06d}.safetensors"
 
     def on_validation(step: int, val_loss: float) -> None:
-        if step in save_at:
+        if step in save_at and main:
             save_weights(model, folder / file_at(step))
 
     log.info("run %d of %d (seed %d)", run + 1, cfg.runs, seed)
@@ -103,6 +110,8 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
                      validate_also_at=set(save_at), on_validation=on_validation,
                      grad_accum=cfg.grad_accum, patience=cfg.patience,
                      distillation=distillation, ema=ema, state_dir=folder / "state")
+    if not main:
+        return {}
     last = curve[-1]
     if last.step not in save_at:  # stopped early: the run's last weights are a checkpoint too
         save_weights(model, folder / file_at(last.step))
@@ -135,6 +144,8 @@ def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
     pruned_val_loss = mean_loss(start(), val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
     runs = [finetune_run(r, params, folder / f"run-{r}", start, masks, train_blocks, val_blocks,
                          teacher, bf16) for r in range(cfg.runs)]
+    if not is_main_process():  # only the main process keeps records and files
+        return {}
     return {
         "pruned_val_loss": pruned_val_loss,
         # How every val_loss here was measured: the average stage measures merges alike.
@@ -148,9 +159,17 @@ def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.finetune
+    processes = rank_and_size()[1]
+    if cfg.batch_size < processes:
+        raise ValueError(f"finetune.batch_size={cfg.batch_size} is below the {processes} "
+                         "processes, each of which needs a block of every batch; raise it or "
+                         "run fewer processes")
     _, masks = load_pruned_model(DENSE, MASKS)
-    resume = resume_folder(inputs_fingerprint(params))
+    resume = resume_folder(inputs_fingerprint(params)) if is_main_process() else RESUME
+    barrier()  # the other processes read the state the main one kept or cleared
     record = finetune_runs(params, resume, lambda: load_pruned_model(DENSE, MASKS)[0], masks)
+    if not is_main_process():
+        return {}
     curves = record.pop("curves")
 
     with atomic_dir(OUT) as out:
@@ -178,4 +197,4 @@ def finetune_summary(record: dict) -> dict:
 
 
 if __name__ == "__main__":
-    stage_main("finetune", run)
+    stage_main("finetune", run, data_parallel=True)

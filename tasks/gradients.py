@@ -1,4 +1,8 @@
-"""gradients: E[g], E|g|, E[g^2] per prunable weight and input-channel activation norms."""
+"""gradients: E[g], E|g|, E[g^2] per prunable weight and input-channel activation norms.
+
+Data-parallel under `torchrun --standalone --nproc_per_node=N -m tasks.gradients`: each process
+takes its share of the calibration blocks, the sums are added across processes, rank 0 writes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from gradprune.config import Params
 from gradprune.data import read_blocks
 from gradprune.io import atomic_dir
 from gradprune.model import bf16_enabled, load_model, prunable_linears
+from gradprune.parallel import is_main_process
 from gradprune.stats import collect_gradient_stats, save_stats
 from tasks.common import DATA, Stage, stage_main
 
@@ -36,6 +41,8 @@ def run(params: Params, stage: Stage) -> dict:
     started = time.perf_counter()
     stats, loss = collect_gradient_stats(model, linears, blocks, bf16, hessian=cfg.hessian)
     seconds = time.perf_counter() - started
+    if not is_main_process():
+        return {}
 
     with atomic_dir(OUT) as out:
         save_stats(out / "stats.safetensors", stats,
@@ -52,4 +59,4 @@ def run(params: Params, stage: Stage) -> dict:
 
 
 if __name__ == "__main__":
-    stage_main("gradients", run)
+    stage_main("gradients", run, data_parallel=True)

@@ -83,3 +83,25 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900):
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("session")
+
+
+# fp32 where processes are compared (bf16 rounding would hide the reduction-order
+# differences); a lighter evaluate and compare row, which every sweep point runs.
+UPSTREAM_PARAMS = {"gradients": {"bf16": "off"}, "finetune": {"bf16": "off"},
+                   "evaluate": {"tasks": ["piqa"], "speed": {"enabled": False}},
+                   "compare": {"zeroshot": False, "finetune": False}}
+
+
+@pytest.fixture(scope="session")
+def micro_upstream(session_tmp) -> Path:
+    """A micro repository through `dvc repro masks` (prepare, train, gradients, masks), fp32
+    statistics and fine-tuning; tests copy it rather than change it."""
+    repo = make_micro_repo(session_tmp / "upstream", UPSTREAM_PARAMS)
+    run([sys.executable, "-m", "dvc", "repro", "masks"], repo, run_env(session_tmp), timeout=900)
+    return repo
+
+
+def copy_repo(repo: Path, folder: Path) -> Path:
+    """A copy of a micro repository, git history, DVC cache and workspace included."""
+    shutil.copytree(repo, folder, symlinks=True)
+    return folder

@@ -1,0 +1,150 @@
+"""Sweeps: a 2 x 2 grid on the micro config, every point a DVC experiment run from the queue,
+the shared upstream stages computed once and restored, never rerun, by every point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, copy_repo, run, run_env
+from flows.cli import parse_grid, split_values
+from flows.sweep import check_points, grid_points, shared_stages
+from gradprune.config import ParamError
+
+DVC = [sys.executable, "-m", "dvc"]
+GRID = ["--grid", "masks.criterion=gradient,magnitude", "--grid", "masks.sparsity=0.5,0.7"]
+POINTS = [("gradient", 0.5), ("gradient", 0.7), ("magnitude", 0.5), ("magnitude", 0.7)]
+
+
+def test_grid_values_split_at_top_level_commas_and_parse_as_yaml():
+    assert split_values("gradient,magnitude") == ["gradient", "magnitude"]
+    assert split_values('[1, 2],{"a": 1, "b": 2},"x,y"') == ['[1, 2]', '{"a": 1, "b": 2}', '"x,y"']
+    assert parse_grid(["masks.sparsity=0.5,0.7", "masks.pattern=2:4,unstructured"]) == {
+        "masks.sparsity": [0.5, 0.7], "masks.pattern": ["2:4", "unstructured"]}
+    with pytest.raises(SystemExit, match="masks.sparsity given twice"):
+        parse_grid(["masks.sparsity=0.5", "masks.sparsity=0.7"])
+    with pytest.raises(SystemExit, match="write key.path=value1,value2"):
+        parse_grid(["masks.sparsity"])
+
+
+def test_grid_points_are_every_combination_in_order():
+    assert grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    with pytest.raises(ParamError, match="masks.sparsity: repeats a value"):
+        grid_points({"masks.sparsity": [0.5, 0.5]})
+
+
+def test_a_bad_grid_point_names_its_key():
+    params = ROOT / "params.yaml"
+    with pytest.raises(ParamError, match="masks.criterio: unknown key"):
+        check_points(params, grid_points({"masks.criterio": ["gradient"]}))
+    with pytest.raises(ParamError, match=r"masks.sparsity: must be in \[0, 1\), got 1.5"):
+        check_points(params, grid_points({"masks.sparsity": [0.5, 1.5]}))
+
+
+@pytest.mark.parametrize("keys, shared", [
+    (["masks.criterion"], ["prepare", "train", "gradients", "compare"]),
+    (["masks.criterion", "masks.sparsity"], ["prepare", "train", "gradients"]),
+    # compare rows may fine-tune, so they read finetune.*
+    (["finetune.lr"], ["prepare", "train", "gradients", "masks"]),
+    (["average.method"], ["prepare", "train", "gradients", "masks", "finetune"]),
+    (["gradients.calibration_blocks"], ["prepare", "train"]),
+    (["seed"], []),
+])
+def test_shared_stages_are_those_no_grid_key_reaches(keys, shared):
+    assert shared_stages(ROOT / "dvc.yaml", keys) == shared
+
+
+def test_the_cli_rejects_a_bad_grid_before_running_anything(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "flows", "sweep", "--grid",
+                           "masks.criterio=gradient,magnitude"],
+                          cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "params: masks.criterio: unknown key" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def swept(micro_upstream, session_tmp):
+    repo = copy_repo(micro_upstream, session_tmp / "sweep")
+    env = run_env(session_tmp)
+    log = run([sys.executable, "-m", "flows", "sweep", *GRID, "--jobs", "2", "--name", "sw"],
+              repo, env, timeout=2400)  # about 3 minutes on 2 idle cores
+    return repo, env, json.loads(log[log.index("{\n"):log.rindex("}") + 1])
+
+
+def test_every_point_is_an_experiment_that_reuses_the_shared_stages(swept):
+    repo, env, outcome = swept
+    # The copied repository holds them already: DVC skips them in the workspace too.
+    assert outcome["shared_stages"] == dict.fromkeys(["prepare", "train", "gradients"], "skipped")
+    rows = outcome["points"]
+    assert [(r["masks.criterion"], r["masks.sparsity"]) for r in rows] == POINTS
+    assert [r["experiment"] for r in rows] == ["sw-0", "sw-1", "sw-2", "sw-3"]
+    for row in rows:
+        assert row["status"] == "Success"
+        ran = set(row["stages_ran"].split(", "))
+        restored = set(row["stages_restored"].split(", "))
+        # Restored from DVC's run-cache in every point's workspace, never recomputed.
+        assert {"prepare", "train", "gradients"} <= restored and not restored & ran, row
+        assert {"finetune", "average", "evaluate"} <= ran, row
+        # The upstream repository made gradient masks at 0.5: that point restores them too.
+        first = (row["masks.criterion"], row["masks.sparsity"]) == POINTS[0]
+        assert ("masks" in restored, "masks" in ran) == (first, not first), row
+        assert row["sparsity"] == pytest.approx(row["masks.sparsity"], abs=0.01)
+        assert row["ppl_averaged"] > 1 and row["ppl_dense"] > 1
+    # One dense model for all: the same ppl_dense everywhere.
+    assert len({r["ppl_dense"] for r in rows}) == 1
+    # The criterion matters: at each sparsity the two criteria prune differently.
+    for sparsity in (0.5, 0.7):
+        pruned = {r["masks.criterion"]: r["ppl_pruned"] for r in rows
+                  if r["masks.sparsity"] == sparsity}
+        assert pruned["gradient"] != pruned["magnitude"]
+
+    shown = run(DVC + ["exp", "show", "--csv"], repo, env)
+    for name in ("sw-0", "sw-1", "sw-2", "sw-3"):
+        assert f"\n{name}," in shown
+
+
+def test_the_sweep_writes_one_table_and_one_plot(swept):
+    import pyarrow.parquet as pq
+
+    repo, _, outcome = swept
+    folder = Path(outcome["results"])
+    assert folder == repo / "sweeps" / "sw"
+    table = pq.read_table(folder / "results.parquet").to_pylist()
+    assert [(r["masks.criterion"], r["masks.sparsity"]) for r in table] == POINTS
+    assert [r["ppl_averaged"] for r in table] == [r["ppl_averaged"] for r in outcome["points"]]
+    csv_lines = (folder / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("experiment,masks.criterion,masks.sparsity,status,")
+    assert len(csv_lines) == 5
+    markdown = (folder / "results.md").read_text().splitlines()
+    assert markdown[0].startswith("| experiment | masks.criterion | masks.sparsity |")
+    assert len(markdown) == 6
+    assert (folder / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweep_is_one_mlflow_parent_over_the_points(swept):
+    from mlflow.tracking import MlflowClient
+    import mlflow
+
+    repo, _, _ = swept
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("gradprune")
+    runs = client.search_runs([experiment.experiment_id])
+    (sweep_run,) = [r for r in runs if r.data.tags.get("gradprune.launcher") == "prefect-sweep"]
+    assert (sweep_run.info.run_name, sweep_run.info.status) == ("sweep sw", "FINISHED")
+    points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep_run.info.run_id]
+    assert sorted(r.data.tags["gradprune.experiment"] for r in points) == [
+        "sw-0", "sw-1", "sw-2", "sw-3"]
+    for point in points:
+        stages = sorted(r.info.run_name for r in runs
+                        if r.data.tags.get("mlflow.parentRunId") == point.info.run_id)
+        assert {"finetune", "average", "evaluate"} <= set(stages), stages
+        assert not {"prepare", "train", "gradients"} & set(stages), stages
+    artifacts = {a.path for a in client.list_artifacts(sweep_run.info.run_id, "sweep")}
+    assert {"sweep/results.parquet", "sweep/results.md", "sweep/perplexity.png"} <= artifacts
