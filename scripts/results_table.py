@@ -50,8 +50,9 @@ def main() -> None:
     dense = evaluate["models"]["dense"]
     line("dense", dense, dense["perplexity_test"], f"{exp} evaluate")
     for r in rows:
-        name = f"{r['criterion']} ({r.get('scope', '?')})" if r["pattern"] == "unstructured" \
-            else r["criterion"]
+        # SparseGPT chooses within rows whatever masks.scope says; N:M within groups of M.
+        scoped = r["pattern"] == "unstructured" and r["criterion"] != "sparsegpt"
+        name = f"{r['criterion']} ({r['scope']})" if scoped else r["criterion"]
         command = f"{exp} compare@{r['criterion']}-{r['pattern']}"
         line(f"{name}, {r['pattern']}", r, r["test_perplexity"], command)
         if "finetuned" in r:
