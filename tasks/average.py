@@ -31,7 +31,7 @@ def load_state(model, state: dict) -> None:
     pairs = getattr(model, "_tied_weights_keys", None) or {}
     tied = set(pairs) | set(pairs.values() if isinstance(pairs, dict) else ())
     if unexpected or set(missing) - tied:
-        raise ValueError(f"{FINETUNED}: checkpoints do not match the model "
+        raise ValueError("a fine-tuning checkpoint does not match the pruned model "
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
 
 

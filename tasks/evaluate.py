@@ -4,11 +4,11 @@ Rows: the dense model, the pruned model before fine-tuning, the last fine-tuning
 the averaged final model, and the compare stages' rows (criterion x pattern, before and, with
 compare.finetune, after fine-tuning). Columns: sliding-window test perplexity, zero-shot
 accuracy (acc and acc_norm, scored as lm-evaluation-harness scores them) per task, sparsity,
-parameters, bytes of the dense and the sparse export, prefill and decode tokens/s. For the encoder-decoder
-(model.arch seq2seq): target-token test perplexity and exact match of greedy decoding instead of
-the decoder-LM measures (zero-shot tasks, running-text perplexity, speed), which the report
-names as not run. Writes metrics.json (DVC metrics), plots (DVC plots) and report.md /
-report.html.
+parameters, bytes of the dense and the sparse export, prefill and decode tokens/s. For the
+encoder-decoder (model.arch seq2seq): target-token test perplexity and exact match of greedy
+decoding instead of the decoder-LM measures (zero-shot tasks, running-text perplexity, speed),
+which the report names as not run. Writes metrics.json (DVC metrics), plots (DVC plots) and
+report.md / report.html.
 """
 
 from __future__ import annotations
@@ -182,10 +182,10 @@ def _table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict
             *([f"{decode:.0f}" if decode else "-"] if timed else [])])
     for c in compared:
         name = f"{c['criterion']} {c['pattern']}"
-        rows = [(f"{name} (no fine-tuning)", c)]
+        scorings = [(f"{name} (no fine-tuning)", c)]
         if "finetuned" in c:
-            rows.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
-        for label, r in rows:
+            scorings.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
+        for label, r in scorings:
             scored = r.get("tasks", {})
             body.append([label, f"{r['test_perplexity']:.2f}", *(["-"] if generated else []),
                          *[f"{scored[t]['acc']:.3f}/{scored[t]['acc_norm']:.3f}" if t in scored
