@@ -5,10 +5,10 @@ What is measured
 For each size n (default 1e7, 1e8 and 1e9 scores) the k-th smallest of n non-negative float32
 scores, k = round(--sparsity * n), found four ways on the same scores:
 
-* gradprune_kth: `gradprune.masks.kth_smallest` over the score tensors as they are, a list of
+* gradprune_kth: `gradprune.pruning.masks.kth_smallest` over the score tensors as they are, a list of
   layer-sized tensors (2-D, 2^22, 2^23 and 2^24 entries in turn, the last one cut to fit).
   It is the exact two-pass radix select over the float bit patterns; no sort, no copy.
-* gradprune_masks: `gradprune.masks.masks_for_sparsity(scores, sparsity, "global")` end to
+* gradprune_masks: `gradprune.pruning.masks.masks_for_sparsity(scores, sparsity, "global")` end to
   end: the score checks (finite, non-negative), the select, and the bool masks it returns
   (1 byte per score, counted in its memory: they are its output).
 * torch_kthvalue: `torch.kthvalue(torch.cat(flat layers), k)`.
@@ -141,7 +141,7 @@ def worker(method: str, n: int, k: int, sparsity: float, seed: int) -> dict:
 
     import torch
 
-    from gradprune.masks import kth_smallest, masks_for_sparsity
+    from gradprune.pruning.masks import kth_smallest, masks_for_sparsity
 
     t0 = time.perf_counter()
     scores = make_scores(n, seed)
@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             "includes": {
                 "torch_kthvalue": "torch.cat of the flattened layers + torch.kthvalue",
                 "torch_sort": "torch.cat of the flattened layers + torch.sort, element k-1",
-                "gradprune_kth": "gradprune.masks.kth_smallest on the list of layer tensors",
-                "gradprune_masks": "gradprune.masks.masks_for_sparsity(scope='global'): score "
+                "gradprune_kth": "gradprune.pruning.masks.kth_smallest on the list of layer tensors",
+                "gradprune_masks": "gradprune.pruning.masks.masks_for_sparsity(scope='global'): score "
                                    "checks, select, bool masks (1 byte per score, its output)",
             },
             "peak_extra_bytes": "peak RSS during the method minus RSS with the scores built, "

@@ -3,15 +3,15 @@
 What is measured
 ----------------
 For fp32 and bf16 weights, two masks at 50% unstructured sparsity, each exact per tensor
-(`gradprune.masks.masks_for_sparsity(..., scope="per_layer")`):
+(`gradprune.pruning.masks.masks_for_sparsity(..., scope="per_layer")`):
 
 * magnitude: keep the larger half of |w| in every prunable tensor (what trained weights give
   the byte-plane compressor to work with);
 * random: keep a uniformly random half (scores from `torch.rand`, seeded), the same count.
 
-The masks are applied as `gradprune.masks.apply_masks` does (w * mask, which leaves -0.0 at
+The masks are applied as `gradprune.pruning.masks.apply_masks` does (w * mask, which leaves -0.0 at
 every pruned negative weight), then the state dict is written twice: dense with
-`safetensors.torch.save_file`, sparse with `gradprune.sparse_export.save_sparse(state, path,
+`safetensors.torch.save_file`, sparse with `gradprune.export.sparse.save_sparse(state, path,
 masks)`. Two figures per case:
 
 * prunable ratio: bytes the sparse file stores for the masked tensors (bitmask, compressed top
@@ -52,9 +52,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 
 import torch  # noqa: E402
 
+from gradprune.export.sparse import load_sparse, save_sparse, sparse_size_report  # noqa: E402
 from gradprune.io import write_json  # noqa: E402
-from gradprune.masks import masks_for_sparsity  # noqa: E402
-from gradprune.sparse_export import load_sparse, save_sparse, sparse_size_report  # noqa: E402
+from gradprune.pruning.masks import masks_for_sparsity  # noqa: E402
 
 SPARSITY = 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,7 +71,7 @@ def find_model(path: str) -> Path | None:
 
 def trained_state(path: Path, include: list[str]) -> tuple[dict, list[str]]:
     """(state dict with each tensor once, prunable module names)."""
-    from gradprune.model import load_model, prunable_linears
+    from gradprune.models.llama import load_model, prunable_linears
 
     model = load_model(path)
     modules = sorted(prunable_linears(model, tuple(include)))
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"sparsity": SPARSITY, "masks": "per tensor, exact count: magnitude |w| or "
                    "seeded uniform random scores", "seed": args.seed,
                    "dense_export": "safetensors.torch.save_file of the masked state dict",
-                   "sparse_export": "gradprune.sparse_export.save_sparse(state, path, masks)",
+                   "sparse_export": "gradprune.export.sparse.save_sparse(state, path, masks)",
                    "prunable_ratio": "sparse bytes of the masked tensors / their dense bytes",
                    "file_ratio": "sparse file size / dense safetensors file size"},
         "models": models,

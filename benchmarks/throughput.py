@@ -6,7 +6,7 @@ Two comparisons, each on the model sizes of a params file (the `model` section, 
 `train.batch_size`, `train.bf16`, `gradients.bf16` and the data section's vocabulary and block
 size) and on the same token blocks for both contestants:
 
-* train: `gradprune.training.train_lm` for --steps optimizer steps against a bare loop over
+* train: `gradprune.training.loop.train_lm` for --steps optimizer steps against a bare loop over
   the same batches (`batch_order` with the same seed) on the same initial weights (a fresh
   `build_llama` with the same seed for every run): plain `torch.optim.AdamW`, the same bf16
   autocast setting, `model(input_ids=b, labels=b).loss.backward(); opt.step();
@@ -17,7 +17,7 @@ size) and on the same token blocks for both contestants:
   subtracted: `ratio` compares training alone, `ratio_including_validation` is the raw
   `train_lm` figure. Gradient clipping, the lr schedule, the finiteness check and the param
   groups are part of gradprune's cost, as they are part of the stage.
-* gradients: `gradprune.stats.collect_gradient_stats` over --calibration-blocks blocks (one
+* gradients: `gradprune.pruning.stats.collect_gradient_stats` over --calibration-blocks blocks (one
   block per forward/backward, as the stage does) against a bare loop doing the same per-block
   forward and backward with no hooks and no accumulators. The baseline computes the same
   gradients: like `collect_gradient_stats` it requires gradients only for the prunable Linear
@@ -74,9 +74,9 @@ import torch  # noqa: E402
 from gradprune.config import Params, load_params  # noqa: E402
 from gradprune.data import read_blocks  # noqa: E402
 from gradprune.io import write_json  # noqa: E402
-from gradprune.model import bf16_enabled, build_llama, prunable_linears  # noqa: E402
-from gradprune.stats import collect_gradient_stats  # noqa: E402
-from gradprune.training import batch_order, mean_loss, train_lm  # noqa: E402
+from gradprune.models.llama import bf16_enabled, build_llama, prunable_linears  # noqa: E402
+from gradprune.pruning.stats import collect_gradient_stats  # noqa: E402
+from gradprune.training.loop import batch_order, mean_loss, train_lm  # noqa: E402
 
 EOS_ID = 0  # the BPE tokenizer's only special token comes first; irrelevant to speed
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
+
+from flows.overrides import dvc_set_arguments, parse_grid, preset_overrides
+from gradprune.config import parse_overrides
 
 
 def fail(message: str) -> None:
@@ -31,58 +33,6 @@ def prefect_defaults() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    from gradprune.config import parse_value
-
-    overrides = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            fail(f"--set {item!r}: write key.path=value, e.g. masks.sparsity=0.7")
-        overrides[key.strip()] = parse_value(text)
-    return overrides
-
-
-def preset_overrides(path: str) -> dict:
-    """A preset: a YAML file of dotted params keys (as `--set` and `dvc exp run -S` take)."""
-    from gradprune.config import ParamError, read_params_file
-
-    overrides = read_params_file(path)
-    flat = [key for key in overrides if "." not in key and key != "seed"]
-    if flat:
-        raise ParamError(f"{path}: {flat[0]}", "a preset sets dotted keys, e.g. masks.sparsity: 0.7")
-    return overrides
-
-
-def dvc_set_arguments(overrides: dict, params_file: str = "params.yaml") -> list[str]:
-    """`-S key=value` arguments for `dvc exp run`, checked against params_file first."""
-    from gradprune.config import apply_overrides, read_params_file
-
-    apply_overrides(read_params_file(params_file), overrides)  # a bad key or value fails here
-    args = []
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            # Hydra merges into a mapping key by key; delete and re-add to replace it as --set does.
-            args += ["-S", f"~{key}", "-S", f"+{key}={hydra(value)}"]
-        else:
-            args += ["-S", f"{key}={hydra(value)}"]
-    return args
-
-
-def hydra(value) -> str:
-    """A value in the Hydra override grammar `dvc exp run -S` parses: [a,b], {k:v}, 'quoted'."""
-    from gradprune.config import parse_value
-
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra(v) for v in value) + "]"
-    if isinstance(value, str):
-        plain = re.fullmatch(r"[A-Za-z_][\w./-]*", value) and parse_value(value) == value
-        return value if plain else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return json.dumps(value)  # numbers, true/false, null
 
 
 def flow_parameters(args: argparse.Namespace, overrides: dict) -> dict:
@@ -155,43 +105,6 @@ def deploy(name: str, cron: str | None, parameters: dict, pool: str) -> None:
           f"start a worker: prefect worker start --pool {pool}")
 
 
-def split_values(text: str) -> list[str]:
-    """"a,b,[1, 2]" -> ["a", "b", "[1, 2]"]: commas inside brackets, braces or quotes stay."""
-    parts, depth, quote, current = [], 0, None, ""
-    for char in text:
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-            continue
-        current += char
-    return parts + [current]
-
-
-def parse_grid(items: list[str]) -> dict[str, list]:
-    from gradprune.config import parse_value
-
-    grid: dict[str, list] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not text.strip():
-            raise SystemExit(f"error: --grid {item!r}: write key.path=value1,value2, e.g. "
-                             "masks.sparsity=0.5,0.7")
-        if key in grid:
-            raise SystemExit(f"error: --grid {key} given twice; list all its values in one "
-                             f"--grid {key}=value1,value2")
-        grid[key] = [parse_value(v.strip()) for v in split_values(text)]
-    return grid
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gradprune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         if args.command == "sweep":
-            from flows.sweep import check_points, grid_points, sweep as run_sweep
+            from flows.sweep import check_points, grid_points
+            from flows.sweep import sweep as run_sweep
 
             grid = parse_grid(args.grid)
             # Before the flow starts its Prefect server: a bad point fails at once.

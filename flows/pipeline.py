@@ -23,8 +23,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.dag import stage_graph, topological_order
-from gradprune.config import apply_overrides, load_params, read_params_file
-from tasks.common import PARENT_ENV, create_parent_run, finish_parent_run
+from gradprune.config import apply_overrides, load_params, read_params_file, set_dotted
+from gradprune.io import atomic_file
+from tasks.tracking import PARENT_ENV, create_parent_run, finish_parent_run
 
 
 def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
@@ -36,15 +37,9 @@ def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     rt.preserve_quotes = True
     doc = rt.load(params_file.read_text())
     for dotted, value in overrides.items():
-        node = doc
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    tmp = params_file.with_name(f".{params_file.name}.tmp")
-    with open(tmp, "w") as f:
+        set_dotted(doc, dotted, value)
+    with atomic_file(params_file) as tmp, open(tmp, "w") as f:
         rt.dump(doc, f)
-    os.replace(tmp, params_file)
 
 
 def stage_environment(parent_run_id: str) -> dict[str, str]:

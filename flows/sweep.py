@@ -31,12 +31,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.cli import dvc_set_arguments
 from flows.dag import stage_graph, topological_order
+from flows.overrides import dvc_set_arguments
 from flows.pipeline import run_stage, stage_environment
 from gradprune.config import ParamError, apply_overrides, load_params, read_params_file
 from gradprune.io import atomic_dir, write_json
-from tasks.common import PARENT_ENV, create_parent_run, finish_parent_run, stage_params_keys
+from tasks.tracking import PARENT_ENV, create_parent_run, finish_parent_run, stage_params_keys
 
 SWEEPS = Path("sweeps")
 # Shown in the table and the plot: (column, metrics file, dotted path in it).

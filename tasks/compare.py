@@ -16,13 +16,13 @@ from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
-from gradprune.evaluation import parameter_counts
-from gradprune.model import load_model
-from gradprune.pruning import apply_pruning, prunable_sparsity, prune, with_overrides
-from gradprune.stats import load_stats, load_stats_info
-from tasks.average import average_into
-from tasks.common import DATA, Stage, stage_main, test_perplexity, zero_shot
-from tasks.finetune import finetune_runs, finetune_summary
+from gradprune.evaluation.perplexity import parameter_counts
+from gradprune.models.llama import load_model
+from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
+from gradprune.pruning.stats import load_stats, load_stats_info
+from tasks.measure import test_perplexity, zero_shot
+from tasks.recovery import average_into, finetune_runs, finetune_summary
+from tasks.stage import DATA, Stage, stage_main
 
 STATS = DATA / "gradients" / "stats.safetensors"
 DENSE = DATA / "train" / "model"

@@ -13,10 +13,10 @@ import torch
 from gradprune.config import Params
 from gradprune.data import read_blocks
 from gradprune.io import atomic_dir
-from gradprune.model import bf16_enabled, load_model, prunable_linears
-from gradprune.parallel import is_main_process
-from gradprune.stats import collect_gradient_stats, save_stats
-from tasks.common import DATA, Stage, stage_main
+from gradprune.models.llama import bf16_enabled, load_model, prunable_linears
+from gradprune.pruning.stats import collect_gradient_stats, save_stats
+from gradprune.training.parallel import is_main_process
+from tasks.stage import DATA, Stage, stage_main
 
 OUT = DATA / "gradients"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from gradprune.config import Params
 from gradprune.io import atomic_dir, write_json
-from gradprune.model import load_model
-from gradprune.pruning import prune, pruning_report, save_pruned
-from gradprune.stats import load_stats, load_stats_info
-from tasks.common import DATA, Stage, stage_main
+from gradprune.models.llama import load_model
+from gradprune.pruning.prune import prune, pruning_report, save_pruned
+from gradprune.pruning.stats import load_stats, load_stats_info
+from tasks.stage import DATA, Stage, stage_main
 
 OUT = DATA / "masks"
 STATS = DATA / "gradients" / "stats.safetensors"

@@ -11,12 +11,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradprune.config import Params, span_counts
-from gradprune.data import (TASK_FILE, CorpusError, add_seq2seq_tokens, clean_documents,
-                            load_documents, load_source_tokenizer, load_tokenizer,
-                            sentinel_tokens, span_corruption_examples, split_documents,
-                            token_blocks, train_bpe_tokenizer, write_blocks)
+from gradprune.data import (
+    TASK_FILE,
+    CorpusError,
+    add_seq2seq_tokens,
+    clean_documents,
+    load_documents,
+    load_tokenizer,
+    sentinel_tokens,
+    span_corruption_examples,
+    split_documents,
+    token_blocks,
+    train_bpe_tokenizer,
+    write_blocks,
+)
 from gradprune.io import atomic_dir, write_json
-from tasks.common import DATA, Stage, stage_main
+from gradprune.models.sources import load_source_tokenizer
+from tasks.stage import DATA, Stage, stage_main
 
 OUT = DATA / "prepare"
 SPLITS = ("train", "val", "test")

@@ -9,12 +9,12 @@ import time
 
 from gradprune.config import Params
 from gradprune.data import TASK_FILE, load_tokenizer, read_blocks
-from gradprune.evaluation import parameter_counts, unigram_perplexity
+from gradprune.evaluation.perplexity import parameter_counts, unigram_perplexity
 from gradprune.io import atomic_dir, read_json
-from gradprune.model import (bf16_enabled, build_llama, build_seq2seq, check_vocab,
-                             load_source_model)
-from gradprune.training import mean_loss, train_lm
-from tasks.common import DATA, Stage, stage_main
+from gradprune.models.llama import bf16_enabled, build_llama, build_seq2seq, check_vocab
+from gradprune.models.sources import load_source_model
+from gradprune.training.loop import mean_loss, train_lm
+from tasks.stage import DATA, Stage, stage_main
 
 OUT = DATA / "train"
 PREPARED = DATA / "prepare"

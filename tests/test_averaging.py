@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradprune.averaging import average_checkpoints, checkpoint_weights
+from gradprune.training.averaging import average_checkpoints, checkpoint_weights
 
 
 def test_uniform_weights():

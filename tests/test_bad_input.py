@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, micro_params
 
 
@@ -34,8 +33,9 @@ def write_params(folder: Path, **sections) -> Path:
 
 
 def run_prepare(monkeypatch, params: Path) -> int:
+    from tasks.stage import stage_main
+
     from tasks import prepare
-    from tasks.common import stage_main
 
     monkeypatch.setattr(sys, "argv", ["tasks.prepare", "--params", str(params)])
     with pytest.raises(SystemExit) as exit_info:

@@ -15,8 +15,8 @@ from gradprune.config import (
     apply_overrides,
     load_params,
     params_from_dict,
-    section_dict,
 )
+from tasks.tracking import section_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradprune.criteria import CRITERIA, scores_for
-from gradprune.masks import masks_for_sparsity
+from gradprune.pruning.criteria import CRITERIA, scores_for
+from gradprune.pruning.masks import masks_for_sparsity
 
 T, F = True, False
 
@@ -133,7 +133,7 @@ def test_criteria_names_and_errors():
 
 
 def test_gblm_reads_n_blocks_from_a_saved_stats_file(tmp_path):
-    from gradprune.stats import load_stats, load_stats_info, save_stats
+    from gradprune.pruning.stats import load_stats, load_stats_info, save_stats
 
     path = tmp_path / "stats.safetensors"
     stats = {"w": {**STATS["w"], "hessian": torch.eye(4)}}

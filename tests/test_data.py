@@ -22,7 +22,7 @@ from gradprune.data import (
     train_bpe_tokenizer,
     write_blocks,
 )
-from gradprune.evaluation import unigram_perplexity
+from gradprune.evaluation.perplexity import unigram_perplexity
 from gradprune.io import atomic_dir
 
 SENTENCES = [

@@ -13,9 +13,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import copy_repo, run, run_env
+from safetensors.torch import load_file
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # fp32 sums of the same terms in another order; atol covers entries that are sums of
@@ -38,7 +37,7 @@ def repos(micro_upstream, session_tmp):
 
 
 def test_gradient_statistics_equal_the_single_process_ones(repos):
-    from gradprune.stats import load_stats, load_stats_info
+    from gradprune.pruning.stats import load_stats, load_stats_info
 
     single, double = repos
     one = load_stats(single / "data/gradients/stats.safetensors")
@@ -60,7 +59,7 @@ def test_gradient_statistics_equal_the_single_process_ones(repos):
 
 
 def test_finetuned_weights_equal_the_single_process_ones_and_stay_pruned(repos):
-    from gradprune.masks import load_masks
+    from gradprune.pruning.masks import load_masks
 
     single, double = repos
     masks = load_masks(single / "data/masks/masks.safetensors")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gradprune.config import ModelParams
-from gradprune.evaluation import sliding_window_perplexity, window_spans
-from gradprune.model import build_llama
-from gradprune.training import mean_loss
-from gradprune.speed import measure_speed, sparse_kernel_speed, weight_bytes
+from gradprune.evaluation.perplexity import sliding_window_perplexity, window_spans
+from gradprune.evaluation.speed import measure_speed, sparse_kernel_speed, weight_bytes
+from gradprune.models.llama import build_llama
+from gradprune.training.loop import mean_loss
 
 CONTEXT = 16
 VOCAB = 64

@@ -11,13 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradprune.averaging import greedy_soup, merge, swa_weights
 from gradprune.config import FinetuneParams, ModelParams, params_from_dict
 from gradprune.io import read_json
-from gradprune.masks import save_masks
-from gradprune.model import build_llama, prunable_linears
-from gradprune.training import (Distillation, MovingAverage, adamw, batch_order,
-                                distillation_loss, load_train_state, train_lm)
+from gradprune.models.llama import build_llama, prunable_linears
+from gradprune.pruning.masks import save_masks
+from gradprune.training.averaging import greedy_soup, merge, swa_weights
+from gradprune.training.loop import (
+    Distillation,
+    MovingAverage,
+    adamw,
+    batch_order,
+    distillation_loss,
+    load_train_state,
+    train_lm,
+)
 
 VOCAB, CONTEXT = 64, 16
 TINY = ModelParams(layers=1, hidden=16, heads=2, kv_heads=1, ffn=32)
@@ -194,7 +201,7 @@ def test_no_merge_revives_a_pruned_weight(tmp_path):
 # --- the finetune and average stages on a tiny workspace -----------------------------------
 
 class FakeStage:
-    """What a stage needs of tasks.common.Stage, without MLflow."""
+    """What a stage needs of tasks.stage.Stage, without MLflow."""
 
     def __init__(self, params):
         self.params = params
@@ -237,7 +244,7 @@ def _params(**average):
 
 
 def test_finetune_and_every_average_method_keep_the_mask(workspace, caplog):
-    from gradprune.masks import load_masks
+    from gradprune.pruning.masks import load_masks
     from tasks import average, finetune
 
     params = _params()
@@ -305,8 +312,8 @@ def test_a_saved_checkpoint_loads_back_with_or_without_tied_embeddings(tmp_path,
     average stage must accept the other name missing, and nothing else."""
     from safetensors.torch import save_model
 
-    from gradprune.model import build_llama
-    from tasks.average import load_state
+    from gradprune.models.llama import build_llama
+    from tasks.recovery import load_state
 
     cfg = ModelParams(layers=1, hidden=16, heads=2, kv_heads=1, ffn=32, tie_embeddings=tied)
     model = build_llama(cfg, vocab_size=50, context=16, eos_token_id=0, seed=0)

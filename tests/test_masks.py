@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradprune import masks as masks_mod
-from gradprune.criteria import scores_for
-from gradprune.masks import (
+from gradprune.pruning import masks as masks_mod
+from gradprune.pruning.criteria import scores_for
+from gradprune.pruning.masks import (
     check_scores,
     keep_top,
     kth_smallest,

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, micro_params, run_env
 from safetensors.torch import load_file
 
 from gradprune.config import ParamError, params_from_dict
 from gradprune.data import EOS_TOKEN, train_bpe_tokenizer
-from gradprune.model import load_source_model
-from conftest import ROOT, micro_params, run_env
+from gradprune.models.sources import load_source_model
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "A language model predicts the next token from the ones before it.",
@@ -270,7 +270,7 @@ def test_the_micro_dag_prunes_a_pretrained_source(tmp_path, kind):
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert evaluate["models"]["dense"]["sparsity"] == 0.0
     assert 0.5 <= evaluate["models"]["averaged"]["sparsity"] < 0.51
-    from gradprune.masks import load_masks
+    from gradprune.pruning.masks import load_masks
     masks = load_masks(repo / "data" / "masks" / "masks.safetensors")
     final = load_file(repo / "data" / "average" / "model" / "model.safetensors")
     for name, mask in masks.items():

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import make_micro_repo, run, run_env
+from safetensors.torch import load_file
 
 STAGES = ["prepare", "train", "gradients", "masks", "compare", "finetune", "average", "evaluate"]
 # The micro config's comparison rows: compare@<criterion>-<pattern>.
@@ -109,7 +108,7 @@ def test_repro_is_one_mlflow_parent_with_a_nested_run_per_stage(repro_repo):
 def assert_pruned_weights_stay_zero(repo: Path, checkpoints: int) -> dict:
     """Every masked weight is exactly zero in every fine-tuning checkpoint and the final model;
     returns the masks."""
-    from gradprune.masks import load_masks
+    from gradprune.pruning.masks import load_masks
 
     masks = load_masks(repo / "data" / "masks" / "masks.safetensors")
     final = load_file(str(repo / "data" / "average" / "model" / "model.safetensors"))
@@ -225,8 +224,8 @@ SEQ2SEQ = {"model": {"arch": "seq2seq", "layers": 1},
 
 
 def test_seq2seq_runs_the_same_dag(session_tmp):
-    from gradprune.model import load_model, summed_loss
-    from gradprune.seq2seq import Seq2SeqTransformer
+    from gradprune.models.llama import load_model, summed_loss
+    from gradprune.models.seq2seq import Seq2SeqTransformer
 
     repo = make_micro_repo(session_tmp / "seq2seq", SEQ2SEQ)
     log = run(DVC + ["repro"], repo, run_env(session_tmp))

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from flows.cli import dvc_set_arguments, preset_overrides
+
+from flows.overrides import dvc_set_arguments, preset_overrides
 from gradprune.config import ParamError, apply_overrides, read_params_file
 
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""gradprune.pruning: every criterion and pattern through one entry point, and back from disk."""
+"""gradprune.pruning.prune: every criterion and pattern through one entry point, and back from disk."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import pytest
 import torch
 
 from gradprune.config import MaskParams, ModelParams, ParamError, StructuredParams
-from gradprune.model import build_llama, prunable_linears
-from gradprune.pruning import (apply_pruning, load_pruned_model, prunable_sparsity, prune,
-                               save_pruned, with_overrides)
-from gradprune.stats import collect_gradient_stats
+from gradprune.models.llama import build_llama, prunable_linears
+from gradprune.pruning.prune import (
+    apply_pruning,
+    load_pruned_model,
+    prunable_sparsity,
+    prune,
+    save_pruned,
+    with_overrides,
+)
+from gradprune.pruning.stats import collect_gradient_stats
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def test_structured_gives_a_smaller_model_with_the_masked_models_logits(model_an
     assert pruned.smaller.config.num_key_value_heads == 1
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
     masked = fresh(model)
-    from gradprune.masks import apply_masks
+    from gradprune.pruning.masks import apply_masks
     apply_masks(masked, pruned.masks)
     with torch.no_grad():
         assert torch.allclose(pruned.smaller(input_ids=ids).logits, masked(input_ids=ids).logits,

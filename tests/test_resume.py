@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_finetune import FakeStage, _params, workspace  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +29,8 @@ import torch
 from safetensors.torch import save_file
 
 from gradprune.config import FinetuneParams, ModelParams
-from gradprune.model import build_llama, prunable_linears
-from gradprune.training import Distillation, MovingAverage, train_lm
+from gradprune.models.llama import build_llama, prunable_linears
+from gradprune.training.loop import Distillation, MovingAverage, train_lm
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 torch.set_num_threads(1)
@@ -111,7 +110,7 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path):
 
 def test_finetune_stage_interrupted_in_its_second_run_resumes_bit_identical(
         workspace, monkeypatch, caplog):  # noqa: F811
-    from tasks import finetune
+    from tasks import finetune, recovery
 
     params = _params()
     finetune.run(params, FakeStage(params))
@@ -119,20 +118,20 @@ def test_finetune_stage_interrupted_in_its_second_run_resumes_bit_identical(
     expected = {p.name: p.read_bytes() for p in out.iterdir()}
     shutil.rmtree(out)  # as DVC does before rerunning a stage
 
-    save_weights = finetune.save_weights
+    save_weights = recovery.save_weights
 
     def crash_in_run_1(model, path):
         if path.name == "ckpt-r1-000004.safetensors":
             raise KeyboardInterrupt("interrupted")
         save_weights(model, path)
 
-    monkeypatch.setattr(finetune, "save_weights", crash_in_run_1)
+    monkeypatch.setattr(recovery, "save_weights", crash_in_run_1)
     with pytest.raises(KeyboardInterrupt):
         finetune.run(params, FakeStage(params))
     resume = workspace / "data" / ".finetune-resume"
     assert (resume / "run-0" / "run.json").is_file()
     assert [p.name for p in (resume / "run-1" / "state").iterdir()] == ["step-000002"]
-    monkeypatch.setattr(finetune, "save_weights", save_weights)
+    monkeypatch.setattr(recovery, "save_weights", save_weights)
 
     with caplog.at_level(logging.INFO, logger="gradprune"):
         finetune.run(params, FakeStage(params))

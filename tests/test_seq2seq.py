@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import deep_merge, micro_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import deep_merge, micro_params
 from gradprune.config import MaskParams, ParamError, params_from_dict, span_counts
-from gradprune.criteria import CRITERIA
 from gradprune.data import corrupt_spans, span_corruption_examples
-from gradprune.masks import apply_masks
-from gradprune.model import load_model, prunable_linears
-from gradprune.pruning import apply_pruning, prune
-from gradprune.seq2seq import (LinearProjectionAttention, Seq2SeqConfig, Seq2SeqTransformer,
-                               causal_mask, exact_match, greedy_decode)
-from gradprune.stats import collect_gradient_stats
+from gradprune.models.llama import load_model, prunable_linears
+from gradprune.models.seq2seq import (
+    LinearProjectionAttention,
+    Seq2SeqConfig,
+    Seq2SeqTransformer,
+    causal_mask,
+    exact_match,
+    greedy_decode,
+)
+from gradprune.pruning.criteria import CRITERIA
+from gradprune.pruning.masks import apply_masks
+from gradprune.pruning.prune import apply_pruning, prune
+from gradprune.pruning.stats import collect_gradient_stats
 
 PAD, EOS = 1, 0
 INCLUDE = ("encoder.layers.*", "decoder.layers.*")

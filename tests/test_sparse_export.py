@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradprune.masks import masks_for_sparsity
-from gradprune.sparse_export import load_sparse, save_sparse, sparse_size_report
+from gradprune.export.sparse import load_sparse, save_sparse, sparse_size_report
+from gradprune.pruning.masks import masks_for_sparsity
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:

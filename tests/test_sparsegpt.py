@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradprune.masks import masks_for_sparsity
-from gradprune.sparsegpt import sparsegpt_prune, sparsegpt_prune_layers
+from gradprune.pruning.masks import masks_for_sparsity
+from gradprune.pruning.sparsegpt import sparsegpt_prune, sparsegpt_prune_layers
 
 T, F = True, False
 

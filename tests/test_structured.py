@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from gradprune.masks import apply_masks
-from gradprune.model import prunable_linears
-from gradprune.structured import (
+from gradprune.models.llama import prunable_linears
+from gradprune.pruning.masks import apply_masks
+from gradprune.pruning.structured import (
     ffn_channel_scores,
     head_group_scores,
     select_structures,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gradprune.config import ModelParams, TrainParams
-from gradprune.model import build_llama, prunable_linears
-from gradprune.stats import collect_gradient_stats
-from gradprune.training import batch_order, lr_at, mean_loss, train_lm
+from gradprune.models.llama import build_llama, prunable_linears
+from gradprune.pruning.stats import collect_gradient_stats
+from gradprune.training.loop import batch_order, lr_at, mean_loss, train_lm
 
 VOCAB, CONTEXT = 64, 16
 TINY = ModelParams(layers=1, hidden=16, heads=2, kv_heads=1, ffn=32)

@@ -13,10 +13,21 @@ import torch
 
 from gradprune.config import ModelParams
 from gradprune.data import train_bpe_tokenizer
-from gradprune.model import build_llama
-from gradprune.zeroshot import (RECORD_COUNTS, TASKS, Question, TaskError, encode_pair,
-                                evaluate_task, load_jsonl_task, load_task, loglikelihoods,
-                                mean_and_stderr, score_questions, scored_pairs)
+from gradprune.evaluation.zeroshot import (
+    RECORD_COUNTS,
+    TASKS,
+    Question,
+    TaskError,
+    encode_pair,
+    evaluate_task,
+    load_jsonl_task,
+    load_task,
+    loglikelihoods,
+    mean_and_stderr,
+    score_questions,
+    scored_pairs,
+)
+from gradprune.models.llama import build_llama
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -154,7 +165,7 @@ def test_scores_and_standard_errors_over_several_questions():
 def test_winogrande_partial_scoring_scores_the_shared_rest_of_the_sentence(model_and_tokenizer):
     row = {"sentence": "The trophy did not fit in the suitcase because _ was too big.",
            "option1": "the trophy", "option2": "the suitcase", "answer": "1"}
-    from gradprune.zeroshot import _winogrande
+    from gradprune.evaluation.zeroshot import _winogrande
     question = _winogrande(row)
     assert scored_pairs(question) == [
         ("The trophy did not fit in the suitcase because the trophy", " was too big."),
@@ -195,7 +206,7 @@ def test_prompts_match_the_harness_task_definitions():
     from lm_eval.tasks.winogrande import preprocess_winogrande as wino
     from lm_eval.utils import apply_template
 
-    from gradprune.sources import BENCHMARK_VALIDATION, read_packaged_arrow_stream
+    from gradprune.packaged import BENCHMARK_VALIDATION, read_packaged_arrow_stream
 
     class Loader(yaml.SafeLoader):
         pass

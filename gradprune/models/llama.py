@@ -1,4 +1,4 @@
-"""The models (the LLaMA-architecture decoder, the encoder-decoder of gradprune.seq2seq), loading
+"""The models (the LLaMA-architecture decoder, the encoder-decoder of gradprune.models.seq2seq), loading
 either from its folder, its loss on token blocks, and which of its weights are prunable."""
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ import torch
 from torch import nn
 
 from gradprune.config import ModelParams
-from gradprune.seq2seq import (Seq2SeqConfig, Seq2SeqTransformer, is_seq2seq_folder,
-                               load_seq2seq)
+from gradprune.models.seq2seq import (
+    Seq2SeqConfig,
+    Seq2SeqTransformer,
+    is_seq2seq_folder,
+    load_seq2seq,
+)
 
 
 def build_llama(cfg: ModelParams, vocab_size: int, context: int, eos_token_id: int,
@@ -54,35 +58,6 @@ def load_model(path: str | Path):
         return load_seq2seq(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=False)
-
-
-def load_gguf_model(path: str | Path):
-    """A GGUF file's model, dequantized to float32."""
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    path = Path(path)
-    # Without dequantize the model stays marked as quantized and save_pretrained refuses it.
-    return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True))
-
-
-def load_source_model(source: str):
-    """(model, tokenizer) of a pretrained model.source: "smollm2", a Hugging Face checkpoint
-    folder or a .gguf file; float32 weights."""
-    from gradprune.data import load_source_tokenizer
-    from gradprune.sources import SMOLLM2, packaged_model_folder
-
-    if source == "smollm2":
-        model = load_model(packaged_model_folder(SMOLLM2))
-    elif Path(source).suffix == ".gguf":
-        model = load_gguf_model(source)
-    else:
-        model = load_model(source)
-    if model.config.model_type != "llama":
-        raise ValueError(f"model.source: {source} is a {model.config.model_type!r} model; only "
-                         "LLaMA-architecture models are supported")
-    return model, load_source_tokenizer(source)
 
 
 def check_vocab(model, tokenizer, source: str) -> None:

@@ -13,7 +13,7 @@ sparsity this brings bf16 under 0.55x its dense bytes, where raw values plus the
 (1/16 of bf16's dense bytes) would already cost 0.5625x.
 
 File layout: a dense tensor is stored under its own name; a sparse one as `<name>::mask`
-(bit-packed non-zero entries, `gradprune.masks.pack_mask` order), `<name>::high` (zlib stream
+(bit-packed non-zero entries, `gradprune.pruning.masks.pack_mask` order), `<name>::high` (zlib stream
 of the values' top byte plane), `<name>::low` (their remaining byte planes, value-major) and
 `<name>::zero_signs` (zlib stream of the packed sign bits of the zeros). One metadata key,
 `gradprune.sparse`, holds the dtype and shape of every sparse tensor as sorted JSON: safetensors
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
 from pathlib import Path
 
 import torch
 
-from gradprune.masks import pack_mask, unpack_mask
+from gradprune.io import atomic_file
+from gradprune.pruning.masks import pack_mask, unpack_mask
 
 METADATA_KEY = "gradprune.sparse"
 # A tensor at least this fraction zeros is stored sparse. The bitmask costs 1/8 byte per entry
@@ -102,7 +102,7 @@ def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path,
                 min_zero_fraction: float = MIN_ZERO_FRACTION) -> None:
     """Write `state_dict` with each tensor sparse or dense; atomically (temp file, rename).
 
-    `masks` (Linear module name -> bool mask, as `gradprune.masks` makes them) are checked, not
+    `masks` (Linear module name -> bool mask, as `gradprune.pruning.masks` makes them) are checked, not
     stored: a masked weight must be zero wherever its mask prunes, and is always stored sparse.
     Other tensors go sparse when at least `min_zero_fraction` of their entries are zero.
     """
@@ -127,10 +127,8 @@ def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path,
             # A fresh contiguous copy: safetensors refuses tensors that share memory, as tied
             # embeddings do in a state dict.
             stored[name] = tensor.clone(memory_format=torch.contiguous_format)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(stored, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(stored, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:

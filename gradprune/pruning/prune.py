@@ -16,13 +16,25 @@ import torch
 from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
-from gradprune.criteria import scores_for
-from gradprune.masks import (apply_masks, load_masks, masks_for_n_m, masks_for_targets,
-                             masks_for_threshold, save_masks, sparsity_report,
-                             sparsity_targets)
-from gradprune.model import load_model
-from gradprune.sparsegpt import sparsegpt_prune_layers
-from gradprune.structured import select_structures, shape_report, shrink_llama, structured_masks
+from gradprune.models.llama import load_model
+from gradprune.pruning.criteria import scores_for
+from gradprune.pruning.masks import (
+    apply_masks,
+    load_masks,
+    masks_for_n_m,
+    masks_for_targets,
+    masks_for_threshold,
+    save_masks,
+    sparsity_report,
+    sparsity_targets,
+)
+from gradprune.pruning.sparsegpt import sparsegpt_prune_layers
+from gradprune.pruning.structured import (
+    select_structures,
+    shape_report,
+    shrink_llama,
+    structured_masks,
+)
 
 MASKS_FILE = "masks.safetensors"
 WEIGHTS_FILE = "weights.safetensors"

@@ -37,9 +37,9 @@ from torch import nn
 
 from gradprune.config import TrainParams
 from gradprune.io import atomic_dir, remove_stale_temporaries
-from gradprune.masks import apply_masks
-from gradprune.model import summed_loss
-from gradprune.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
+from gradprune.models.llama import summed_loss
+from gradprune.pruning.masks import apply_masks
+from gradprune.training.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
 
 log = logging.getLogger(__name__)
 

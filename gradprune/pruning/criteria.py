@@ -7,7 +7,7 @@ blocks, g the gradient of one block's mean loss) and act_norm ||X_j||, the L2 no
 channel j over all calibration tokens.
 
 SparseGPT is listed in CRITERIA but has no score function: it rewrites the kept weights while it
-chooses the mask, so it lives in gradprune.sparsegpt.
+chooses the mask, so it lives in gradprune.pruning.sparsegpt.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import zlib
 
 import torch
 
-GRADIENT_VARIANTS = ("mean", "abs_mean", "rms")
-TAYLOR_VARIANTS = ("mean", "abs_mean")
+from gradprune.config.choices import CRITERIA, GRADIENT_VARIANTS, TAYLOR_VARIANTS
+from gradprune.config.choices import CRITERIA_SCORED as SCORED
+
 # The GBLM reference multiplies every gradient by this before taking its norm over samples.
 GBLM_REFERENCE_SCALE = 100.0
 
@@ -91,10 +92,6 @@ def random_uniform(weight: torch.Tensor, seed: int, name: str) -> torch.Tensor:
     return torch.rand(weight.shape, generator=generator)
 
 
-SCORED = ("gradient", "taylor", "fisher", "magnitude", "wanda", "gblm", "random")
-CRITERIA = (*SCORED, "sparsegpt")
-
-
 def scores_for(criterion: str, weights: dict[str, torch.Tensor],
                stats: dict[str, dict[str, torch.Tensor]], *, variant: str = "mean",
                gblm_alpha: float | None = None, n_blocks: int | None = None,
@@ -110,7 +107,7 @@ def scores_for(criterion: str, weights: dict[str, torch.Tensor],
     """
     if criterion == "sparsegpt":
         raise ValueError("masks.criterion: sparsegpt rewrites the kept weights while it chooses "
-                         "the mask; call gradprune.sparsegpt.sparsegpt_prune, not scores_for")
+                         "the mask; call gradprune.pruning.sparsegpt.sparsegpt_prune, not scores_for")
     if criterion not in SCORED:
         raise ValueError(f"masks.criterion: got {criterion!r}; allowed: {', '.join(CRITERIA)}")
     if variant != "mean" and criterion not in ("gradient", "taylor"):

@@ -3,7 +3,7 @@ across processes.
 
 Without an initialized process group (a plain `python -m tasks.<stage>`) this is one process
 holding everything: every share is the whole, every reduction is a no-op, so single-process
-results stay bit-identical. Under `torchrun` the stage plumbing (tasks/common.py) initializes the
+results stay bit-identical. Under `torchrun` the stage runner (tasks/stage.py) initializes the
 group; the library only splits work and reduces.
 """
 
@@ -57,3 +57,14 @@ def barrier() -> None:
     """Wait until every process gets here (after the main process wrote what others read)."""
     if rank_and_size()[1] > 1:
         dist.barrier()
+
+
+def init_process_group_from_env() -> None:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
+    MASTER_ADDR...): CPU tensors travel over gloo, CUDA tensors over NCCL."""
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shutdown_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

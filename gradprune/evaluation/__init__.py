@@ -1,0 +1,2 @@
+"""Evaluation: perplexity and parameter counts (perplexity), zero-shot multiple choice
+(zeroshot), prefill/decode speed (speed)."""

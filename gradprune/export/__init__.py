@@ -1,0 +1,1 @@
+"""Exports of a pruned model beyond the Hugging Face folder: the sparse file (sparse)."""

@@ -1,0 +1,2 @@
+"""Training: the masked training loop (loop), checkpoint averaging (averaging) and data
+parallelism (parallel)."""
