@@ -110,7 +110,7 @@ def save_stats(path: str | Path, stats: dict[str, dict[str, torch.Tensor]],
 
     flat = {f"{name}.{k}": v.contiguous() for name, per in stats.items() for k, v in per.items()}
     # One metadata key only: safetensors writes several keys in a random order.
-    save_file(flat, str(path), metadata={"gradprune.pruning.stats": json.dumps(info, sort_keys=True)})
+    save_file(flat, str(path), metadata={"gradprune.stats": json.dumps(info, sort_keys=True)})
 
 
 def load_stats(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -142,6 +142,6 @@ def load_stats_info(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: gradient statistics missing; run the gradients stage")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["gradprune.pruning.stats"])
+            return json.loads((f.metadata() or {})["gradprune.stats"])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
         raise ValueError(f"{path}: corrupt statistics ({err}); rerun the gradients stage") from None
