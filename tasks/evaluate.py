@@ -22,6 +22,7 @@ from gradprune.config import Params
 from gradprune.data import load_tokenizer
 from gradprune.evaluation.perplexity import parameter_counts, sliding_window_perplexity
 from gradprune.evaluation.speed import measure_speed, sparse_kernel_speed
+from gradprune.export.card import pipeline_card
 from gradprune.export.sparse import save_sparse, sparse_size_report
 from gradprune.io import atomic_dir, read_json
 from gradprune.models.llama import bf16_enabled, load_model
@@ -37,7 +38,7 @@ from tasks.report import (
     plot_layers,
     report_table,
 )
-from tasks.stage import DATA, METRICS, PLOTS, Stage, stage_main
+from tasks.stage import DATA, PLOTS, REPORTS, Stage, stage_main
 
 OUT = DATA / "evaluate"
 DENSE = DATA / "train" / "model"
@@ -79,6 +80,23 @@ def export_bytes(model: torch.nn.Module) -> dict:
         report = sparse_size_report(sparse)
         return {"dense_export": dense.stat().st_size, "sparse_export": sparse.stat().st_size,
                 "sparse_tensors_ratio": report["sparse_tensors"]["ratio"]}
+
+
+def record_final_model(params: Params, stage: Stage, rows: dict) -> None:
+    """The headline numbers on the MLflow parent run; the final model's registry version
+    tagged with its test perplexity and described by its card with the evaluation table."""
+    headline = {f"{name}.perplexity_test": row["perplexity_test"] for name, row in rows.items()}
+    headline.update({f"{name}.average_acc": row["average_acc"] for name, row in rows.items()
+                     if "average_acc" in row})
+    headline["averaged.sparsity"] = rows["averaged"]["sparsity"]
+    stage.log_parent_metrics(headline)
+    evaluation = [{"model": name, "test_perplexity": row["perplexity_test"],
+                   "average_acc": row.get("average_acc"), "sparsity": row["sparsity"]}
+                  for name, row in rows.items()]
+    card = pipeline_card(params, read_json(MASKS / "masks.json"),
+                         read_json(DATA / "average" / "weights.json"), evaluation)
+    stage.tag_final_model({"test_perplexity": round(rows["averaged"]["perplexity_test"], 3)},
+                          card)
 
 
 def run(params: Params, stage: Stage) -> dict:
@@ -128,7 +146,7 @@ def run(params: Params, stage: Stage) -> dict:
             speed["sparse_kernel"] = {"module": name,
                                       **sparse_kernel_speed(weight, s.sparse_kernel_tokens,
                                                             s.repeats)}
-    compared = [read_json(p) for p in sorted((METRICS / "compare").glob("*.json"))]
+    compared = [read_json(p) for p in sorted((REPORTS / "compare").glob("*.json"))]
 
     layer_rows = [{"layer": r["name"], "sparsity": r["sparsity"]}
                   for r in read_json(MASKS / "masks.json")["layers"]]
@@ -146,6 +164,7 @@ def run(params: Params, stage: Stage) -> dict:
                                                {k: out / k for k, v in plots.items() if v}))
     stage.write_plot("layer_sparsity", layer_rows)
     stage.log_artifacts(OUT, "report")
+    record_final_model(params, stage, rows)
     # `scored` is the last model's; every model is scored on the same tokens.
     window = {"test_target_tokens_scored": scored["tokens_scored"],
               "test_examples": scored["examples"]} if seq2seq else {
@@ -159,8 +178,8 @@ def run(params: Params, stage: Stage) -> dict:
         "criterion": params.masks.criterion,
         "pattern": params.masks.pattern,
         "sparsity_asked": params.masks.sparsity,
+        # The compare rows are their own stages' metrics (metrics/compare/), not repeated here.
         "models": rows,
-        "compare": {f"{c['criterion']}-{c['pattern']}": c for c in compared},
         "speed": speed,
     }
 

@@ -30,6 +30,10 @@ from gradprune.training.parallel import (
 
 DATA = Path("data")
 METRICS = Path("metrics")
+# A stage's whole record (its metrics beside the settings and names that explain them); the
+# metrics file holds only its numbers, so that `dvc metrics show` and `dvc exp show` stay
+# readable.
+REPORTS = Path("reports")
 PLOTS = Path("plots")
 EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)
 
@@ -56,8 +60,29 @@ class Stage:
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         self.tracked.log_artifacts(folder, artifact_path)
 
-    def register_model(self, folder: Path, artifact_path: str = "model") -> int:
-        return self.tracked.register_model(folder, artifact_path)
+    def register_model(self, folder: Path, artifact_path: str = "model", **metadata) -> int:
+        """Log and register an HF folder as an MLflow model (tasks.tracking.StageRun's
+        register_model: description, tags, alias)."""
+        return self.tracked.register_model(folder, artifact_path, **metadata)
+
+    def log_curve(self, rows: list[dict], prefix: str = "", series: str | None = None) -> None:
+        """Per-step metrics, so MLflow draws the curve."""
+        self.tracked.log_curve(rows, prefix, series)
+
+    def log_parent_metrics(self, metrics: dict) -> None:
+        """Headline numbers on the execution's parent run (the runs table's row)."""
+        self.tracked.log_parent_metrics(metrics)
+
+    def tag_final_model(self, tags: dict, description: str | None = None) -> None:
+        """Measurements of the registered final model (its `champion` version)."""
+        from tasks.tracking import tag_champion
+
+        tag_champion(self.params, tags, description)
+
+    def source_tags(self) -> dict[str, str]:
+        from tasks.tracking import source_tags
+
+        return source_tags()
 
 
 def quiet_progress_bars() -> None:
@@ -127,6 +152,20 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         shutdown_process_group()
 
 
+def numbers_only(record: dict) -> dict:
+    """The numbers of a stage's record, nesting kept: what DVC shows as metrics. Settings,
+    names, flags and lists stay in the record (reports/<stage>.json)."""
+    kept = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = numbers_only(value)
+            if value:
+                kept[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            kept[key] = value
+    return kept
+
+
 def _report_expected_error(err: BaseException) -> None:
     if os.environ.get("GRADPRUNE_TRACEBACK"):
         traceback.print_exc()
@@ -148,7 +187,8 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
     from tasks.tracking import stage_run
 
     name, params = stage.name, stage.params
-    for folder in (DATA, METRICS, METRICS / name.split("@")[0], PLOTS):
+    for folder in (DATA, METRICS, METRICS / name.split("@")[0], REPORTS,
+                   REPORTS / name.split("@")[0], PLOTS):
         remove_stale_temporaries(folder)
     started = time.perf_counter()
     try:
@@ -160,9 +200,12 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             metrics["peak_rss_mb"] = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            path = METRICS / f"{name.replace('@', '/')}.json"
-            write_json(path, metrics)
+            relative = f"{name.replace('@', '/')}.json"
+            write_json(REPORTS / relative, metrics)
+            path = METRICS / relative
+            write_json(path, numbers_only(metrics))
             tracked.log_metrics(metrics, path)
+            tracked.log_artifact(REPORTS / relative, "reports")
     except EXPECTED_ERRORS as err:
         _report_expected_error(err)
         sys.exit(1)

@@ -48,6 +48,7 @@ def run(params: Params, stage: Stage) -> dict:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
     stage.write_plot("train_curve", [vars(p) for p in curve])
+    stage.log_curve([vars(p) for p in curve])
     stage.log_artifacts(OUT / "model", "model")
 
     val_loss = curve[-1].val_loss if curve else mean_loss(

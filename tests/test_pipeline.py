@@ -58,6 +58,22 @@ def runs_by_parent(repo: Path) -> dict[str, list[dict]]:
     return parents
 
 
+def assert_metrics_are_numbers(repo: Path) -> None:
+    """DVC's metrics hold numbers only, each value once; the settings beside them are in the
+    stage's record under reports/."""
+    def leaves(tree):
+        for value in tree.values():
+            yield from leaves(value) if isinstance(value, dict) else [value]
+
+    for path in (repo / "metrics").rglob("*.json"):
+        metrics = json.loads(path.read_text())
+        assert all(type(v) in (int, float) for v in leaves(metrics)), path
+        assert (repo / "reports" / path.relative_to(repo / "metrics")).is_file()
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert "compare" not in evaluate and "criterion" not in evaluate
+    assert json.loads((repo / "reports" / "masks.json").read_text())["criterion"] == "gradient"
+
+
 def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
     repo, _, log = repro_repo
     for stage in [s for s in STAGES if s != "compare"] + COMPARE_ROWS:
@@ -65,19 +81,20 @@ def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
     masks = json.loads((repo / "metrics" / "masks.json").read_text())
     assert masks["sparsity_achieved"] == 0.5
     assert masks["kept"] * 2 == masks["prunable"]
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
     for model in ("pruned", "finetuned_last", "averaged"):
         assert 0.5 <= evaluate["models"][model]["sparsity"] < 0.51
         assert set(evaluate["models"][model]["tasks"]) == {
             "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"}
     assert evaluate["models"]["dense"]["sparsity"] == 0.0
     assert (evaluate["context"], evaluate["stride"]) == (64, 32)
-    row = evaluate["compare"]["sparsegpt-2:4"]
+    row = json.loads((repo / "reports" / "compare" / "sparsegpt-2:4.json").read_text())
     for scored in (row, row["finetuned"]):  # before and after fine-tuning + averaging
         assert 0.5 <= scored["sparsity"] < 0.501
         assert scored["test_perplexity"] > 1
         assert set(scored["tasks"]) == set(evaluate["models"]["dense"]["tasks"])
     assert row["finetuned"]["checkpoints"] == 3
+    assert_metrics_are_numbers(repo)
     for name in ("loss_curve.png", "layer_sparsity.png", "report.md", "report.html"):
         assert (repo / "data" / "evaluate" / name).stat().st_size > 0
 
@@ -192,8 +209,8 @@ def test_a_compare_row_fine_tunes_exactly_as_the_main_path(repro_repo):
     repo, env, _ = repro_repo
     run(DVC + ["exp", "run", "compare@gradient-unstructured", "-S", "compare.criteria=[gradient]",
                "-S", "compare.patterns=[unstructured]"], repo, env)
-    row = json.loads((repo / "metrics" / "compare" / "gradient-unstructured.json").read_text())
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    row = json.loads((repo / "reports" / "compare" / "gradient-unstructured.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
     final = evaluate["models"]["averaged"]
     assert row["finetuned"]["test_perplexity"] == final["perplexity_test"]
     assert row["finetuned"]["tasks"] == final["tasks"]
@@ -234,7 +251,7 @@ def test_seq2seq_runs_the_same_dag(session_tmp):
     (children,) = runs_by_parent(repo).values()
     assert sorted(c["stage"] for c in children) == NESTED_RUNS
 
-    prepared = json.loads((repo / "metrics" / "prepare.json").read_text())["task"]
+    prepared = json.loads((repo / "reports" / "prepare.json").read_text())["task"]
     assert prepared["source_length"] + prepared["target_length"] == 64 + 2 * prepared["spans"] + 2
     masks = json.loads((repo / "metrics" / "masks.json").read_text())
     assert masks["sparsity_achieved"] == 0.5 and masks["kept"] * 2 == masks["prunable"]
@@ -244,13 +261,13 @@ def test_seq2seq_runs_the_same_dag(session_tmp):
                  "decoder.layers.0.linear2"):
         assert part in names
 
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
     assert evaluate["arch"] == "seq2seq" and evaluate["speed"] == {} and evaluate["tasks"] == []
     for name, row in evaluate["models"].items():
         assert row["perplexity_test"] > 1 and 0 <= row["exact_match"] <= 1
         assert row["exact_match_examples"] == 8 and row["tasks"] == {}
         assert row["sparsity"] == (0.0 if name == "dense" else 0.5)
-    row = evaluate["compare"]["sparsegpt-2:4"]
+    row = json.loads((repo / "reports" / "compare" / "sparsegpt-2:4.json").read_text())
     assert row["sparsity"] == 0.5 and row["test_perplexity"] > 1
     report = (repo / "data" / "evaluate" / "report.md").read_text()
     assert "| exact match |" in report and "Not run for an encoder-decoder" in report

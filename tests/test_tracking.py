@@ -1,0 +1,103 @@
+"""MLflow done the MLflow way, on a SQLite store in a temporary folder: the final model is a real
+MLflow model that pyfunc loads from the registry by its alias and that generates text; the
+version carries the card and tags; losses are logged per step; the parent run carries the
+headline numbers; the experiment opens in the model-training view."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from gradprune.config import Params
+from gradprune.config.schema import MlflowParams, ModelParams
+from gradprune.data import train_bpe_tokenizer
+from gradprune.export.card import front_matter, save_hf_folder
+from gradprune.models.llama import build_llama
+
+CARD = "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n# tiny\n"
+DOCS = ["the market opened higher today and shares rose", "rain fell on the city all night",
+        "the team won the final match of the season"] * 20
+
+
+@pytest.fixture()
+def tracked(tmp_path, monkeypatch):
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # stage_run reads dvc.yaml for the params a stage records.
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.delenv("GRADPRUNE_PARENT_RUN_ID", raising=False)
+    params = Params(mlflow=MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                        experiment="t", registered_model="tiny-final"))
+    return params
+
+
+def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
+    tokenizer = train_bpe_tokenizer(DOCS, 300)
+    model = build_llama(ModelParams(layers=1, hidden=32, heads=4, kv_heads=2, ffn=64),
+                        len(tokenizer), 32, tokenizer.eos_token_id, seed)
+    save_hf_folder(model, tokenizer, folder, CARD)
+    return folder
+
+
+def test_final_model_loads_from_the_registry_by_alias_and_generates(tracked, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import stage_run
+
+    first, second = tiny_model_folder(tmp_path / "a", 0), tiny_model_folder(tmp_path / "b", 1)
+    with stage_run("average", tracked) as run:
+        assert run.register_model(first, description=CARD, tags={"criterion": "wanda"}) == 1
+    with stage_run("average", tracked) as run:
+        assert run.register_model(second, description=CARD,
+                                  tags={"criterion": "magnitude", "sparsity": 0.5}) == 2
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("tiny-final", "champion")
+    assert int(champion.version) == 2  # the newest final model
+    assert champion.description == CARD
+    assert "pyfunc.load_model" in client.get_registered_model("tiny-final").description
+    assert champion.tags == {"criterion": "magnitude", "sparsity": "0.5"}
+    model = mlflow.pyfunc.load_model("models:/tiny-final@champion")
+    schema = model.metadata.get_input_schema()
+    assert [c.type.name for c in schema.inputs] == ["string"]
+    assert {p.name for p in model.metadata.get_params_schema().params} == {"max_new_tokens",
+                                                                           "do_sample"}
+    out = model.predict(["the market"], params={"max_new_tokens": 3})
+    assert len(out) == 1 and out[0].startswith("the market")
+    # The logged model appears in the run's Models column.
+    assert len(client.search_logged_models([client.get_experiment_by_name("t").experiment_id])) == 2
+
+
+def test_losses_are_logged_per_step_and_headline_metrics_on_the_parent(tracked):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
+
+    rows = [{"step": s, "train_loss": 5.0 - s / 10, "val_loss": 4.0 if s % 2 == 0 else None,
+             "lr": 1e-3} for s in range(1, 6)]
+    runs = [{"run": r, **row} for r in (0, 1) for row in rows[:3]]
+    with stage_run("finetune", tracked) as run:
+        assert run.log_curve(rows) == 5 + 2 + 5
+        assert run.log_curve(runs, prefix="ft/", series="run") == 2 * (3 + 1 + 3)
+        run.log_parent_metrics({"averaged": {"perplexity_test": 12.5}, "method": "greedy"})
+        run_id = run.run_id
+    client = MlflowClient()
+    history = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
+    assert [m.value for m in history] == pytest.approx([4.9, 4.8, 4.7, 4.6, 4.5])
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "ft/run1/train_loss")] == [1, 2, 3]
+    parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics == {"averaged.perplexity_test": 12.5}
+    experiment = client.get_experiment_by_name("t")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_model_folder_has_a_card_and_the_tokenizer_knows_the_context(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_folder(tmp_path / "m")
+    assert front_matter((folder / "README.md").read_text())["pipeline_tag"] == "text-generation"
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == 32
