@@ -9,16 +9,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import tiny_llama_folder
 
 from gradprune.config import Params
-from gradprune.config.schema import MlflowParams, ModelParams
-from gradprune.data import train_bpe_tokenizer
-from gradprune.export.card import front_matter, save_hf_folder
-from gradprune.models.llama import build_llama
+from gradprune.config.schema import MlflowParams
+from gradprune.export.card import front_matter
 
 CARD = "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n# tiny\n"
-DOCS = ["the market opened higher today and shares rose", "rain fell on the city all night",
-        "the team won the final match of the season"] * 20
 
 
 @pytest.fixture()
@@ -33,11 +30,7 @@ def tracked(tmp_path, monkeypatch):
 
 
 def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
-    tokenizer = train_bpe_tokenizer(DOCS, 300)
-    model = build_llama(ModelParams(layers=1, hidden=32, heads=4, kv_heads=2, ffn=64),
-                        len(tokenizer), 32, tokenizer.eos_token_id, seed)
-    save_hf_folder(model, tokenizer, folder, CARD)
-    return folder
+    return tiny_llama_folder(folder, seed, card=CARD)
 
 
 def test_final_model_loads_from_the_registry_by_alias_and_generates(tracked, tmp_path):
