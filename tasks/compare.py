@@ -5,12 +5,14 @@ collected (no second gradient pass) and scores it on the same test tokens and wi
 tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot the
 evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly
 as the finetune and average stages do (their params, their code, checkpoints in a temporary
-folder) and scores the merge again. The row is this stage's metrics file.
+folder) and scores the merge again. The row is this stage's record (reports/compare/), its
+numbers the metrics file.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from tasks.stage import DATA, Stage, stage_main
 
 STATS = DATA / "gradients" / "stats.safetensors"
 DENSE = DATA / "train" / "model"
+# Under the library's logger, so that stage_main's handler prints it.
+log = logging.getLogger("gradprune.compare")
 
 
 def row_mask_params(params: Params, criterion: str, pattern: str):
@@ -49,11 +53,13 @@ def run(params: Params, stage: Stage) -> dict:
     stats = load_stats(STATS)
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
+    log.info("pruning by %s %s", criterion, pattern)
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
     tokenizer = load_tokenizer(DENSE)
 
     def scores(model) -> dict:
+        log.info("scoring")
         scored = test_perplexity(model, params)
         return {"sparsity": prunable_sparsity(model, shapes),
                 "test_perplexity": scored["perplexity"], "tokens_scored": scored["tokens_scored"],
@@ -67,6 +73,7 @@ def run(params: Params, stage: Stage) -> dict:
     if params.compare.finetune:
         # A structurally smaller model has nothing left to mask.
         masks = {} if pruned.smaller is not None else pruned.masks
+        log.info("fine-tuning and averaging")
         with tempfile.TemporaryDirectory(prefix="gradprune-compare-") as folder:
             runs = Path(folder)
             record = finetune_runs(params, runs, lambda: copy.deepcopy(model), masks)

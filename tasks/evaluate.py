@@ -13,6 +13,7 @@ report.md / report.html.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from tasks.report import (
 from tasks.stage import DATA, PLOTS, REPORTS, Stage, stage_main
 
 OUT = DATA / "evaluate"
+# Under the library's logger, so that stage_main's handler prints it.
+log = logging.getLogger("gradprune.evaluate")
 DENSE = DATA / "train" / "model"
 MASKS = DATA / "masks"
 
@@ -116,7 +119,8 @@ def run(params: Params, stage: Stage) -> dict:
 
     factories = pipeline_models()
     rows: dict[str, dict] = {}
-    for name, make in factories.items():
+    for index, (name, make) in enumerate(factories.items()):
+        log.info("scoring model %d of %d: %s", index + 1, len(factories), name)
         model = make()
         scored = test_perplexity(model, params)
         row = {"perplexity_test": scored["perplexity"]}
@@ -136,6 +140,7 @@ def run(params: Params, stage: Stage) -> dict:
 
     speed = {}
     if cfg.speed.enabled and not seq2seq:
+        log.info("timing prefill and decode")
         s = cfg.speed
         speed = measure_speed(factories, len(tokenizer), s.prompt_len, s.new_tokens,
                               tuple(s.batch_sizes), s.repeats, bf16)

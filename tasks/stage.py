@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable
 from gradprune.config import ParamError, Params, load_params
 from gradprune.data import CorpusError
 from gradprune.io import remove_stale_temporaries, write_json
+from gradprune.progress import elapsed, progress_interval
 from gradprune.training.parallel import (
     init_process_group_from_env,
     is_main_process,
@@ -95,6 +97,39 @@ def quiet_progress_bars() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+class Heartbeat(logging.Handler):
+    """No silent stage: when stderr is not a terminal (dvc repro's log, a Prefect task), a
+    line every progress interval in which the stage printed nothing else, naming the elapsed
+    time and the stage's last message (what it is doing and how far)."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = self.last = time.monotonic()
+        self.latest = "started"
+        self._stop = threading.Event()
+        self._log = logging.getLogger("gradprune.heartbeat")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = time.monotonic()
+        if record.name != self._log.name:
+            self.latest = record.getMessage()
+
+    def _beat(self, interval: float) -> None:
+        interval = max(interval, 1.0)  # at most a line a second, whatever the setting
+        while not self._stop.wait(interval / 4):
+            if time.monotonic() - self.last >= interval:
+                self._log.info("working, %s in; last: %s",
+                               elapsed(time.monotonic() - self.started), self.latest)
+
+    def start(self, interval: float) -> None:
+        logging.getLogger("gradprune").addHandler(self)
+        threading.Thread(target=self._beat, args=(interval,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        logging.getLogger("gradprune").removeHandler(self)
+
+
 def join_data_parallel(name: str, supported: bool) -> int:
     """Join the process group `torchrun` describes; returns the number of processes, 1 when
     not under torchrun. A stage that cannot split its work refuses to run under torchrun."""
@@ -144,10 +179,16 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         logging.getLogger("gradprune").setLevel(logging.INFO if main else logging.WARNING)
         stage = Stage(name, params)
         stage.args = args
-        if main:
-            _run_tracked(stage, run, processes if data_parallel else None)
-        else:
-            _run_untracked(stage, run)
+        heartbeat = Heartbeat()
+        if main and not sys.stderr.isatty():
+            heartbeat.start(progress_interval())
+        try:
+            if main:
+                _run_tracked(stage, run, processes if data_parallel else None)
+            else:
+                _run_untracked(stage, run)
+        finally:
+            heartbeat.stop()
     finally:
         shutdown_process_group()
 

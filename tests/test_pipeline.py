@@ -28,7 +28,8 @@ DVC = [sys.executable, "-m", "dvc"]
 @pytest.fixture(scope="module")
 def repro_repo(session_tmp):
     repo = make_micro_repo(session_tmp / "repro")
-    env = run_env(session_tmp)
+    # A progress line after every item of every long loop: the micro stages take seconds.
+    env = {**run_env(session_tmp), "GRADPRUNE_PROGRESS_SECONDS": "0"}
     log = run(DVC + ["repro"], repo, env)
     return repo, env, log
 
@@ -95,6 +96,11 @@ def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
         assert set(scored["tasks"]) == set(evaluate["models"]["dense"]["tasks"])
     assert row["finetuned"]["checkpoints"] == 3
     assert_metrics_are_numbers(repo)
+    # No silent stage: what each is doing and how far, in the log dvc repro captures.
+    for line in ("[train] optimizer steps: 24/24 (100%)", "[gradients] calibration blocks: 8/8",
+                 "[evaluate] scoring model 4 of 4: averaged", "[evaluate] log-likelihoods: ",
+                 "[evaluate] perplexity windows: ", "[compare@sparsegpt-2:4] fine-tuning"):
+        assert line in log, line
     for name in ("loss_curve.png", "layer_sparsity.png", "report.md", "report.html"):
         assert (repo / "data" / "evaluate" / name).stat().st_size > 0
 
