@@ -2,7 +2,7 @@
 
     <out>/hf/                       dense Hugging Face folder (safetensors, tokenizer, README.md
                                     model card with the evaluation table when evaluate has run)
-    <out>/model.sparse.safetensors  bitmask + non-zero values (docs/SPARSE_FORMAT.md)
+    <out>/model.sparse.safetensors  bitmask + non-zero values (docs/EXPORTS.md)
     <out>/sparse_loader.py          reads it with torch and safetensors only
     <out>/model-<dtype>.gguf        for llama.cpp-based tools (decoder LMs only)
 """

@@ -1,7 +1,7 @@
 """Read a gradprune sparse checkpoint (`*.sparse.safetensors`) with torch and safetensors only.
 
 This file is self-contained on purpose: `gradprune export` copies it beside the sparse file, so
-a user without gradprune can load the weights. The format is described in docs/SPARSE_FORMAT.md;
+a user without gradprune can load the weights. The format is described in docs/EXPORTS.md;
 gradprune.export.sparse writes it and its tests check this loader gives every tensor back bit
 for bit.
 
