@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from gradprune.config import Params
 from gradprune.data import load_tokenizer, read_blocks
-from gradprune.export.card import pipeline_card, save_hf_folder
+from gradprune.export.card import card_body, pipeline_card, save_hf_folder
 from gradprune.export.sparse import save_sparse, sparse_size_report
 from gradprune.io import atomic_dir, read_json, write_json
 from gradprune.pruning.prune import load_pruned_model
@@ -46,7 +46,7 @@ def run(params: Params, stage: Stage) -> dict:
         save_sparse(model.state_dict(), out / "model.sparse.safetensors", masks=masks)
         write_json(out / "weights.json", record)
     stage.log_artifact(OUT / "weights.json", "average")
-    version = stage.register_model(OUT / "model", description=card, tags={
+    version = stage.register_model(OUT / "model", description=card_body(card), tags={
         "criterion": params.masks.criterion, "pattern": params.masks.pattern,
         "sparsity": round(masks_report["total"]["sparsity"], 4), **stage.source_tags()})
     return {"method": cfg.method, "checkpoints": sum(w > 0 for w in weights),

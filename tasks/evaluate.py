@@ -23,7 +23,7 @@ from gradprune.config import Params
 from gradprune.data import load_tokenizer
 from gradprune.evaluation.perplexity import parameter_counts, sliding_window_perplexity
 from gradprune.evaluation.speed import measure_speed, sparse_kernel_speed
-from gradprune.export.card import pipeline_card
+from gradprune.export.card import card_body, pipeline_card
 from gradprune.export.sparse import save_sparse, sparse_size_report
 from gradprune.io import atomic_dir, read_json
 from gradprune.models.llama import bf16_enabled, load_model
@@ -99,7 +99,7 @@ def record_final_model(params: Params, stage: Stage, rows: dict) -> None:
     card = pipeline_card(params, read_json(MASKS / "masks.json"),
                          read_json(DATA / "average" / "weights.json"), evaluation)
     stage.tag_final_model({"test_perplexity": round(rows["averaged"]["perplexity_test"], 3)},
-                          card)
+                          card_body(card))
 
 
 def run(params: Params, stage: Stage) -> dict:

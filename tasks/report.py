@@ -102,8 +102,8 @@ def markdown_report(params, context, stride, table, speed) -> str:
 REPORT_STYLE = (
     "body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;"
     "color:#222}p{max-width:70em;line-height:1.4}"
-    ".table{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:13px;"
-    "width:100%}td,th{border:1px solid #ddd;padding:3px 6px;text-align:right;"
+    ".table{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:12px;"
+    "width:100%}td,th{border:1px solid #ddd;padding:2px 4px;text-align:right;"
     "white-space:nowrap}th{background:#f4f4f4;white-space:normal;vertical-align:bottom}"
     "td:first-child,th:first-child{text-align:left;position:sticky;left:0;background:#fff}"
     "th:first-child{background:#f4f4f4}tr.group td{background:#eef3fa;font-weight:600;"

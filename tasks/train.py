@@ -48,7 +48,7 @@ def run(params: Params, stage: Stage) -> dict:
     with atomic_dir(OUT) as out:
         save_hf_folder(model, tokenizer, out / "model")
     stage.write_plot("train_curve", [vars(p) for p in curve])
-    stage.log_curve([vars(p) for p in curve])
+    stage.log_curve([vars(p) for p in curve], prefix="curve/")
     stage.log_artifacts(OUT / "model", "model")
 
     val_loss = curve[-1].val_loss if curve else mean_loss(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_llama_folder
 
-from gradprune.export.card import front_matter, model_card, sparsity_by_layer_type
+from gradprune.export.card import card_body, front_matter, model_card, sparsity_by_layer_type
 from gradprune.export.gguf import write_gguf
 from gradprune.export.sparse import load_sparse, save_sparse
 from gradprune.export.sparse_loader import load_sparse as standalone_load_sparse
@@ -89,6 +89,7 @@ def test_model_card_metadata_and_sparsity_per_layer_type():
     assert "4 blocks x 16 tokens = 64 tokens" in card
     assert "| `self_attn.q_proj` | 0.750 |" in card
     assert "| averaged | 12.3 | 0.500 | 0.500 |" in card
+    assert card_body(card).startswith("# t\n") and card.endswith(card_body(card))
 
 
 def test_table_fits_a_terminal_and_shows_the_ratio_to_dense(tmp_path):

@@ -104,6 +104,13 @@ def front_matter(card: str) -> dict:
     return yaml.safe_load(card[4:card.index("\n---", 4)])
 
 
+def card_body(card: str) -> str:
+    """The card without its YAML metadata: what a Markdown viewer (the MLflow registry's
+    description) should show."""
+    front_matter(card)  # checks there is one
+    return card[card.index("\n---", 4) + 4:].lstrip("\n")
+
+
 def save_hf_folder(model, tokenizer, folder: Path, card: str | None = None) -> None:
     """A Hugging Face model folder: weights, config, the tokenizer limited to the model's
     context (from_pretrained's default limit is unbounded) and the model card."""
