@@ -14,7 +14,8 @@ Where to look next:
   report   data/evaluate/report.html (self-contained: table and plots)
   plots    dvc plots show, then open dvc_plots/index.html (offline PNGs)
   MLflow   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
-           then http://127.0.0.1:5000: experiment "gradprune" (runs, loss curves) and the model
+           then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning: experiment
+           "gradprune" (runs, per-step loss curves) and the registered model
            gradprune-final@champion (mlflow.pyfunc.load_model("models:/gradprune-final@champion"))
   exports  .venv/bin/gradprune export   (HF folder with model card, sparse file, GGUF in exports/)
 NEXT

@@ -163,6 +163,13 @@ def test_flow_runs_the_same_dag_and_leaves_dvc_clean(flow_repo):
     assert len(parents) == 1
     (children,) = parents.values()
     assert sorted(c["stage"] for c in children) == NESTED_RUNS
+    # The MLflow parent run names the Prefect flow run that launched it.
+    from mlflow.tracking import MlflowClient
+
+    (parent_id,) = parents
+    parent = MlflowClient().get_run(parent_id)
+    assert len(parent.data.tags["prefect.flow_run_id"]) == 36  # a UUID
+    assert parent.data.metrics["averaged.sparsity"] >= 0.5
 
 
 def test_two_runs_from_scratch_are_bit_identical(repro_repo, flow_repo):
