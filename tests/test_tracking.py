@@ -94,3 +94,34 @@ def test_model_folder_has_a_card_and_the_tokenizer_knows_the_context(tmp_path):
     folder = tiny_model_folder(tmp_path / "m")
     assert front_matter((folder / "README.md").read_text())["pipeline_tag"] == "text-generation"
     assert AutoTokenizer.from_pretrained(folder).model_max_length == 32
+
+
+@pytest.mark.integration
+def test_flow_run_and_mlflow_run_name_each_other(tracked, tmp_path, monkeypatch):
+    """The flow run is renamed after the MLflow experiment and tagged with the parent run;
+    the parent run is tagged with the flow run's id (Prefect's test harness: a real engine)."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    from mlflow.tracking import MlflowClient
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import link_flow_run_and_mlflow
+    from tasks.tracking import create_parent_run
+
+    parent_id = create_parent_run(tracked, "prefect")
+
+    @flow(name="link-check")
+    def linked() -> str:
+        from prefect.runtime import flow_run
+
+        link_flow_run_and_mlflow(parent_id, tracked.mlflow.experiment)
+        return flow_run.get_id()
+
+    with prefect_test_harness(server_startup_timeout=90):
+        flow_run_id = linked()
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+    assert run.name.startswith("t-")
+    assert f"mlflow-run:{parent_id}" in run.tags and "mlflow-experiment:t" in run.tags
+    assert MlflowClient().get_run(parent_id).data.tags["prefect.flow_run_id"] == flow_run_id
