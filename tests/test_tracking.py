@@ -18,21 +18,30 @@ from gradprune.export.card import front_matter
 CARD = "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n# tiny\n"
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module: creating its tables takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture()
-def tracked(tmp_path, monkeypatch):
+def tracked(store, request, monkeypatch):
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # stage_run reads dvc.yaml for the params a stage records.
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.delenv("GRADPRUNE_PARENT_RUN_ID", raising=False)
-    params = Params(mlflow=MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                        experiment="t", registered_model="tiny-final"))
-    return params
+    # An experiment and a registered model of the test's own in the shared store.
+    name = request.node.name[:40]
+    return Params(mlflow=MlflowParams(tracking_uri=store, experiment=f"t-{name}",
+                                      registered_model=f"tiny-{name}"))
 
 
 def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
     return tiny_llama_folder(folder, seed, card=CARD)
 
 
+# About 30 s (two models logged, registered and loaded): outside the fast unit part.
+@pytest.mark.integration
 def test_final_model_loads_from_the_registry_by_alias_and_generates(tracked, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -47,12 +56,13 @@ def test_final_model_loads_from_the_registry_by_alias_and_generates(tracked, tmp
                                   tags={"criterion": "magnitude", "sparsity": 0.5}) == 2
 
     client = MlflowClient()
-    champion = client.get_model_version_by_alias("tiny-final", "champion")
+    name = tracked.mlflow.registered_model
+    champion = client.get_model_version_by_alias(name, "champion")
     assert int(champion.version) == 2  # the newest final model
     assert champion.description == CARD
-    assert "pyfunc.load_model" in client.get_registered_model("tiny-final").description
+    assert "pyfunc.load_model" in client.get_registered_model(name).description
     assert champion.tags == {"criterion": "magnitude", "sparsity": "0.5"}
-    model = mlflow.pyfunc.load_model("models:/tiny-final@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     schema = model.metadata.get_input_schema()
     assert [c.type.name for c in schema.inputs] == ["string"]
     assert {p.name for p in model.metadata.get_params_schema().params} == {"max_new_tokens",
@@ -60,7 +70,8 @@ def test_final_model_loads_from_the_registry_by_alias_and_generates(tracked, tmp
     out = model.predict(["the market"], params={"max_new_tokens": 3})
     assert len(out) == 1 and out[0].startswith("the market")
     # The logged model appears in the run's Models column.
-    assert len(client.search_logged_models([client.get_experiment_by_name("t").experiment_id])) == 2
+    experiment = client.get_experiment_by_name(tracked.mlflow.experiment).experiment_id
+    assert len(client.search_logged_models([experiment])) == 2
 
 
 def test_losses_are_logged_per_step_and_headline_metrics_on_the_parent(tracked):
@@ -84,7 +95,7 @@ def test_losses_are_logged_per_step_and_headline_metrics_on_the_parent(tracked):
     assert [m.step for m in client.get_metric_history(run_id, "ft/run1/train_loss")] == [1, 2, 3]
     parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
     assert parent.data.metrics == {"averaged.perplexity_test": 12.5}
-    experiment = client.get_experiment_by_name("t")
+    experiment = client.get_experiment_by_name(tracked.mlflow.experiment)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 
 
@@ -122,6 +133,7 @@ def test_flow_run_and_mlflow_run_name_each_other(tracked, tmp_path, monkeypatch)
         flow_run_id = linked()
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(flow_run_id)
-    assert run.name.startswith("t-")
-    assert f"mlflow-run:{parent_id}" in run.tags and "mlflow-experiment:t" in run.tags
+    experiment = tracked.mlflow.experiment
+    assert run.name.startswith(f"{experiment}-")
+    assert f"mlflow-run:{parent_id}" in run.tags and f"mlflow-experiment:{experiment}" in run.tags
     assert MlflowClient().get_run(parent_id).data.tags["prefect.flow_run_id"] == flow_run_id
