@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama_folder
+from conftest import ROOT, tiny_llama_folder
 
 from gradprune.export.card import card_body, front_matter, model_card, sparsity_by_layer_type
 from gradprune.export.gguf import write_gguf
@@ -117,3 +117,41 @@ def test_table_fits_a_terminal_and_shows_the_ratio_to_dense(tmp_path):
     assert finetuned.split()[-5:] == ["110.00", "1.100", "-", "0.500", "10"]
     assert lines[0] == "main path:" and "comparison:" in lines
     assert math.isclose(float(lines[lines.index("comparison:") + 2].split()[3]), 1.5)
+
+
+def test_export_command_writes_hf_folder_with_card_sparse_file_and_gguf(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from flows.cli import main
+
+    repo = tmp_path / "repo"
+    final = tiny_llama_folder(repo / "data" / "average" / "model")
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    save_sparse(load_file(final / "model.safetensors"),
+                repo / "data" / "average" / "model.sparse.safetensors")
+    (repo / "data" / "average" / "weights.json").write_text(json.dumps(
+        {"method": "greedy", "merged_val_loss": 4.5,
+         "checkpoints": [{"weight": 0.5}, {"weight": 0.5}, {"weight": 0.0}]}))
+    (repo / "data" / "masks").mkdir(parents=True)
+    (repo / "data" / "masks" / "masks.json").write_text(json.dumps(
+        {"total": {"sparsity": 0.5},
+         "layers": [{"name": "model.layers.0.mlp.up_proj", "numel": 4, "kept": 2}]}))
+    (repo / "reports").mkdir()
+    (repo / "reports" / "evaluate.json").write_text(json.dumps({"models": {
+        "averaged": {"perplexity_test": 99.5, "average_acc": 0.4, "sparsity": 0.5}}}))
+
+    main(["export", "--repo", str(repo), "--out", str(tmp_path / "out"), "--gguf-dtype", "f32"])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "model-f32.gguf",
+                                                     "model.sparse.safetensors",
+                                                     "sparse_loader.py"]
+    card = (out / "hf" / "README.md").read_text()
+    assert front_matter(card)["pipeline_tag"] == "text-generation"
+    assert "| averaged | 99.5 | 0.400 | 0.500 |" in card
+    assert "`greedy` over 2 checkpoint(s)" in card
+    assert "model-f32.gguf" in capsys.readouterr().out
+    assert torch.equal(standalone_load_sparse(str(out / "model.sparse.safetensors"))[
+        "model.embed_tokens.weight"], load_file(final / "model.safetensors")[
+        "model.embed_tokens.weight"])
