@@ -194,10 +194,13 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
 
 
 def numbers_only(record: dict) -> dict:
-    """The numbers of a stage's record, nesting kept: what DVC shows as metrics. Settings,
-    names, flags and lists stay in the record (reports/<stage>.json)."""
+    """The numbers of a stage's record, nesting kept: what DVC shows as metrics. Settings
+    (names, flags, lists, and any "settings" entry, such as speed's prompt length) stay in the
+    record (reports/<stage>.json)."""
     kept = {}
     for key, value in record.items():
+        if key == "settings":
+            continue
         if isinstance(value, dict):
             value = numbers_only(value)
             if value:

@@ -1,4 +1,5 @@
-"""No silent stage: progress lines when stderr is not a terminal, and the stage heartbeat."""
+"""The stage runner's output: progress lines when stderr is not a terminal, the stage heartbeat,
+metrics files of numbers only."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def test_heartbeat_speaks_when_the_stage_is_quiet(caplog):
         heartbeat.stop()
     beats = [r.getMessage() for r in caplog.records if r.name == "gradprune.heartbeat"]
     assert beats[0] == "working, 1s in; last: run 1 of 2"
+
+
+def test_metrics_files_hold_numbers_only():
+    from tasks.stage import numbers_only
+
+    record = {"criterion": "wanda", "bf16": True, "tasks": ["piqa"], "ratio": None,
+              "nan": float("nan"), "seconds": 1.5, "kept": 3,
+              "speed": {"settings": {"prompt_len": 16}, "dense": {"tok_s": 10.0}},
+              "models": {"dense": {"tasks": {}, "acc": 0.5}}}
+    assert numbers_only(record) == {"seconds": 1.5, "kept": 3, "speed": {"dense": {"tok_s": 10.0}},
+                                    "models": {"dense": {"acc": 0.5}}}
