@@ -19,6 +19,7 @@ from pathlib import Path
 from gradprune.config import Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
+from gradprune.export.card import save_hf_folder
 from gradprune.models.llama import load_model
 from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.pruning.stats import load_stats, load_stats_info
@@ -82,7 +83,24 @@ def run(params: Params, stage: Stage) -> dict:
                                   read_blocks(DATA / "prepare" / "val.parquet"))
         row["finetuned"] = {**finetune_summary(record), "average": params.average.method,
                             "merged_val_loss": merged["merged_val_loss"], **scores(model)}
+    if params.mlflow.log_compare_models:
+        register_row_model(stage, model, tokenizer, row.get("finetuned", row), criterion,
+                           pattern)
     return row
+
+
+def register_row_model(stage: Stage, model, tokenizer, scored: dict, criterion: str,
+                       pattern: str) -> None:
+    """The row's final model (fine-tuned and averaged with compare.finetune) as a version of
+    the registered model, under the alias compare-<criterion>-<pattern>."""
+    with tempfile.TemporaryDirectory(prefix="gradprune-compare-model-") as folder:
+        save_hf_folder(model, tokenizer, Path(folder) / "model")
+        stage.register_model(Path(folder) / "model",
+                             alias=f"compare-{criterion}-{pattern.replace(':', 'of')}", tags={
+                                 "criterion": criterion, "pattern": pattern,
+                                 "sparsity": round(scored["sparsity"], 4),
+                                 "test_perplexity": round(scored["test_perplexity"], 3),
+                                 **stage.source_tags()})
 
 
 if __name__ == "__main__":
