@@ -7,6 +7,8 @@
                                                                 runs them
     gradprune exp    [--preset FILE] [--set KEY=VALUE]... [STAGE]...   a DVC experiment
     gradprune sweep  --grid KEY=V1,V2 [--grid ...] [--jobs N]     a grid of DVC experiments
+    gradprune table  [--reports reports]                          the comparison, < 120 columns
+    gradprune export [--out exports] [--gguf-dtype f16|f32]       final model: HF, sparse, GGUF
 Every command takes --preset presets/<name>.yaml (dotted overrides); --set wins over it.
 """
 
@@ -140,9 +142,30 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--name", default=None,
                        help="sweep name, prefix of its experiments' names (default: the time)")
     sweep.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    table = sub.add_parser("table", help="print the models' comparison in under 120 columns")
+    table.add_argument("--reports", default="reports", help="the stages' records (default: "
+                       "%(default)s)")
+    export = sub.add_parser("export", help="write the final model as a Hugging Face folder, a "
+                            "sparse file and a GGUF file")
+    export.add_argument("--out", default="exports", help="folder (default: %(default)s)")
+    export.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"],
+                        help="GGUF tensor type of the 2-D weights (default: %(default)s)")
+    export.add_argument("--repo", default=".", help="repository root (default: current folder)")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "table":
+            from flows.table import render_table
+
+            print(render_table(Path(args.reports)))
+            return
+        if args.command == "export":
+            from flows.export import export_final
+
+            written = export_final(Path(args.repo), Path(args.out), args.gguf_dtype)
+            for name, size in written.items():
+                print(f"{Path(args.out) / name}  {size / 1e6:.1f} MB")
+            return
         if args.command == "sweep":
             from flows.sweep import check_points, grid_points
             from flows.sweep import sweep as run_sweep

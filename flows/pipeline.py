@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from flows.dag import stage_graph, topological_order
 from gradprune.config import apply_overrides, load_params, read_params_file, set_dotted
 from gradprune.io import atomic_file
-from tasks.tracking import PARENT_ENV, create_parent_run, finish_parent_run
+from tasks.tracking import PARENT_ENV, create_parent_run, finish_parent_run, link_prefect_flow_run
 
 
 def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
@@ -66,6 +66,27 @@ def run_stage(stage: str, parent_run_id: str, repo: str) -> str:
     return "ran" if ran else "skipped"
 
 
+def link_flow_run_and_mlflow(parent_run_id: str, experiment: str) -> None:
+    """Cross-reference the running flow run and the MLflow parent run: the MLflow run gets
+    the flow run's id and UI address, the flow run is named after the MLflow experiment and
+    tagged with the MLflow run's id."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
+
+    flow_run_id = flow_run.get_id()
+    if flow_run_id is None:  # called through pipeline.fn: no flow run
+        return
+    ui = PREFECT_UI_URL.value()
+    link_prefect_flow_run(parent_run_id, flow_run_id,
+                          f"{ui}/flow-runs/flow-run/{flow_run_id}" if ui else None)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(
+            flow_run_id, name=f"{experiment}-{flow_run.get_name()}",
+            tags=[*flow_run.get_tags(), f"mlflow-experiment:{experiment}",
+                  f"mlflow-run:{parent_run_id}"])
+
+
 @flow(name="gradprune-pipeline", log_prints=True)
 def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
              stages: list[str] | None = None) -> dict[str, str]:
@@ -79,6 +100,7 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
     params = load_params(params_file)
     parent_id = create_parent_run(params, launcher="prefect", root=root,
                                   overrides=overrides or {})
+    link_flow_run_and_mlflow(parent_id, params.mlflow.experiment)
     outcome: dict[str, str] = {}
     try:
         for stage in order:

@@ -1,8 +1,9 @@
 """Print the results tables of a finished pipeline run as Markdown (docs/RESULTS.md holds one).
 
-Every number is read from the run's metrics files: metrics/evaluate.json (the dense and the final
-model), metrics/compare/*.json (one row per criterion x pattern, before and after fine-tuning
-when compare.finetune was on) and each stage's seconds and peak memory. Run it in the
+Every number is read from the run's stage records (reports/, the metrics files' numbers with the
+settings that name them): reports/evaluate.json (the dense and the final model),
+reports/compare/*.json (one row per criterion x pattern, before and after fine-tuning when
+compare.finetune was on) and each stage's seconds and peak memory. Run it in the
 repository (or the experiment's workspace) that made them:
 
     python scripts/results_table.py [--preset presets/smollm2.yaml] > table.md
@@ -30,10 +31,10 @@ def accuracy_cells(row: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--metrics", default="metrics", help="the run's metrics folder")
+    parser.add_argument("--reports", default="reports", help="the run's stage records")
     parser.add_argument("--preset", help="the preset the run used, named in the commands")
     args = parser.parse_args()
-    metrics = Path(args.metrics)
+    metrics = Path(args.reports)
     evaluate = json.loads((metrics / "evaluate.json").read_text())
     rows = sorted((json.loads(p.read_text()) for p in (metrics / "compare").glob("*.json")),
                   key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
@@ -60,7 +61,8 @@ def main() -> None:
             line(f"{name}, {r['pattern']}, fine-tuned + {f['average']}", f,
                  f["test_perplexity"], command)
     final = evaluate["models"]["averaged"]
-    line(f"final model ({evaluate['criterion']} {evaluate['pattern']}, the main path)", final,
+    masks = json.loads((metrics / "masks.json").read_text())
+    line(f"final model ({masks['criterion']} {masks['pattern']}, the main path)", final,
          final["perplexity_test"], f"{exp}")
     print("\n".join(lines))
 

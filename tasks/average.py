@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 from gradprune.config import Params
 from gradprune.data import load_tokenizer, read_blocks
+from gradprune.export.card import card_body, pipeline_card, save_hf_folder
 from gradprune.export.sparse import save_sparse, sparse_size_report
 from gradprune.io import atomic_dir, read_json, write_json
 from gradprune.pruning.prune import load_pruned_model
@@ -34,17 +35,20 @@ def run(params: Params, stage: Stage) -> dict:
     weights = [c["weight"] for c in used]
     best = min(record["checkpoints"], key=lambda c: c["val_loss"])
 
+    record = {"method": cfg.method, "params": asdict(cfg), "checkpoints": used,
+              "merged_val_loss": merged_val_loss, "best_checkpoint": best,
+              "best_checkpoint_val_loss": best["val_loss"]}
+    masks_report = read_json(DATA / "masks" / "masks.json")
+    card = pipeline_card(params, masks_report, record)
     with atomic_dir(OUT) as out:
-        model.save_pretrained(out / "model")
-        load_tokenizer(DENSE).save_pretrained(out / "model")
+        save_hf_folder(model, load_tokenizer(DENSE), out / "model", card)
         # Beside the dense HF export, the same weights as bitmask + non-zero values.
         save_sparse(model.state_dict(), out / "model.sparse.safetensors", masks=masks)
-        write_json(out / "weights.json", {
-            "method": cfg.method, "params": asdict(cfg), "checkpoints": used,
-            "merged_val_loss": merged_val_loss, "best_checkpoint": best,
-            "best_checkpoint_val_loss": best["val_loss"]})
+        write_json(out / "weights.json", record)
     stage.log_artifact(OUT / "weights.json", "average")
-    version = stage.register_model(OUT / "model")
+    version = stage.register_model(OUT / "model", description=card_body(card), tags={
+        "criterion": params.masks.criterion, "pattern": params.masks.pattern,
+        "sparsity": round(masks_report["total"]["sparsity"], 4), **stage.source_tags()})
     return {"method": cfg.method, "checkpoints": sum(w > 0 for w in weights),
             "candidates": len(used), "max_weight": max(weights),
             "merged_val_loss": merged_val_loss, "best_checkpoint_val_loss": best["val_loss"],

@@ -5,18 +5,21 @@ collected (no second gradient pass) and scores it on the same test tokens and wi
 tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot the
 evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly
 as the finetune and average stages do (their params, their code, checkpoints in a temporary
-folder) and scores the merge again. The row is this stage's metrics file.
+folder) and scores the merge again. The row is this stage's record (reports/compare/), its
+numbers the metrics file.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
+from gradprune.export.card import save_hf_folder
 from gradprune.models.llama import load_model
 from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.pruning.stats import load_stats, load_stats_info
@@ -26,6 +29,8 @@ from tasks.stage import DATA, Stage, stage_main
 
 STATS = DATA / "gradients" / "stats.safetensors"
 DENSE = DATA / "train" / "model"
+# Under the library's logger, so that stage_main's handler prints it.
+log = logging.getLogger("gradprune.compare")
 
 
 def row_mask_params(params: Params, criterion: str, pattern: str):
@@ -49,11 +54,13 @@ def run(params: Params, stage: Stage) -> dict:
     stats = load_stats(STATS)
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
+    log.info("pruning by %s %s", criterion, pattern)
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
     tokenizer = load_tokenizer(DENSE)
 
     def scores(model) -> dict:
+        log.info("scoring")
         scored = test_perplexity(model, params)
         return {"sparsity": prunable_sparsity(model, shapes),
                 "test_perplexity": scored["perplexity"], "tokens_scored": scored["tokens_scored"],
@@ -67,6 +74,7 @@ def run(params: Params, stage: Stage) -> dict:
     if params.compare.finetune:
         # A structurally smaller model has nothing left to mask.
         masks = {} if pruned.smaller is not None else pruned.masks
+        log.info("fine-tuning and averaging")
         with tempfile.TemporaryDirectory(prefix="gradprune-compare-") as folder:
             runs = Path(folder)
             record = finetune_runs(params, runs, lambda: copy.deepcopy(model), masks)
@@ -75,7 +83,24 @@ def run(params: Params, stage: Stage) -> dict:
                                   read_blocks(DATA / "prepare" / "val.parquet"))
         row["finetuned"] = {**finetune_summary(record), "average": params.average.method,
                             "merged_val_loss": merged["merged_val_loss"], **scores(model)}
+    if params.mlflow.log_compare_models:
+        register_row_model(stage, model, tokenizer, row.get("finetuned", row), criterion,
+                           pattern)
     return row
+
+
+def register_row_model(stage: Stage, model, tokenizer, scored: dict, criterion: str,
+                       pattern: str) -> None:
+    """The row's final model (fine-tuned and averaged with compare.finetune) as a version of
+    the registered model, under the alias compare-<criterion>-<pattern>."""
+    with tempfile.TemporaryDirectory(prefix="gradprune-compare-model-") as folder:
+        save_hf_folder(model, tokenizer, Path(folder) / "model")
+        stage.register_model(Path(folder) / "model",
+                             alias=f"compare-{criterion}-{pattern.replace(':', 'of')}", tags={
+                                 "criterion": criterion, "pattern": pattern,
+                                 "sparsity": round(scored["sparsity"], 4),
+                                 "test_perplexity": round(scored["test_perplexity"], 3),
+                                 **stage.source_tags()})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ report.md / report.html.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from gradprune.config import Params
 from gradprune.data import load_tokenizer
 from gradprune.evaluation.perplexity import parameter_counts, sliding_window_perplexity
 from gradprune.evaluation.speed import measure_speed, sparse_kernel_speed
+from gradprune.export.card import card_body, pipeline_card
 from gradprune.export.sparse import save_sparse, sparse_size_report
 from gradprune.io import atomic_dir, read_json
 from gradprune.models.llama import bf16_enabled, load_model
@@ -37,9 +39,11 @@ from tasks.report import (
     plot_layers,
     report_table,
 )
-from tasks.stage import DATA, METRICS, PLOTS, Stage, stage_main
+from tasks.stage import DATA, PLOTS, REPORTS, Stage, stage_main
 
 OUT = DATA / "evaluate"
+# Under the library's logger, so that stage_main's handler prints it.
+log = logging.getLogger("gradprune.evaluate")
 DENSE = DATA / "train" / "model"
 MASKS = DATA / "masks"
 
@@ -81,6 +85,23 @@ def export_bytes(model: torch.nn.Module) -> dict:
                 "sparse_tensors_ratio": report["sparse_tensors"]["ratio"]}
 
 
+def record_final_model(params: Params, stage: Stage, rows: dict) -> None:
+    """The headline numbers on the MLflow parent run; the final model's registry version
+    tagged with its test perplexity and described by its card with the evaluation table."""
+    headline = {f"{name}.perplexity_test": row["perplexity_test"] for name, row in rows.items()}
+    headline.update({f"{name}.average_acc": row["average_acc"] for name, row in rows.items()
+                     if "average_acc" in row})
+    headline["averaged.sparsity"] = rows["averaged"]["sparsity"]
+    stage.log_parent_metrics(headline)
+    evaluation = [{"model": name, "test_perplexity": row["perplexity_test"],
+                   "average_acc": row.get("average_acc"), "sparsity": row["sparsity"]}
+                  for name, row in rows.items()]
+    card = pipeline_card(params, read_json(MASKS / "masks.json"),
+                         read_json(DATA / "average" / "weights.json"), evaluation)
+    stage.tag_final_model({"test_perplexity": round(rows["averaged"]["perplexity_test"], 3)},
+                          card_body(card))
+
+
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.evaluate
     bf16 = bf16_enabled(cfg.bf16)
@@ -98,7 +119,8 @@ def run(params: Params, stage: Stage) -> dict:
 
     factories = pipeline_models()
     rows: dict[str, dict] = {}
-    for name, make in factories.items():
+    for index, (name, make) in enumerate(factories.items()):
+        log.info("scoring model %d of %d: %s", index + 1, len(factories), name)
         model = make()
         scored = test_perplexity(model, params)
         row = {"perplexity_test": scored["perplexity"]}
@@ -118,6 +140,7 @@ def run(params: Params, stage: Stage) -> dict:
 
     speed = {}
     if cfg.speed.enabled and not seq2seq:
+        log.info("timing prefill and decode")
         s = cfg.speed
         speed = measure_speed(factories, len(tokenizer), s.prompt_len, s.new_tokens,
                               tuple(s.batch_sizes), s.repeats, bf16)
@@ -128,7 +151,7 @@ def run(params: Params, stage: Stage) -> dict:
             speed["sparse_kernel"] = {"module": name,
                                       **sparse_kernel_speed(weight, s.sparse_kernel_tokens,
                                                             s.repeats)}
-    compared = [read_json(p) for p in sorted((METRICS / "compare").glob("*.json"))]
+    compared = [read_json(p) for p in sorted((REPORTS / "compare").glob("*.json"))]
 
     layer_rows = [{"layer": r["name"], "sparsity": r["sparsity"]}
                   for r in read_json(MASKS / "masks.json")["layers"]]
@@ -146,6 +169,7 @@ def run(params: Params, stage: Stage) -> dict:
                                                {k: out / k for k, v in plots.items() if v}))
     stage.write_plot("layer_sparsity", layer_rows)
     stage.log_artifacts(OUT, "report")
+    record_final_model(params, stage, rows)
     # `scored` is the last model's; every model is scored on the same tokens.
     window = {"test_target_tokens_scored": scored["tokens_scored"],
               "test_examples": scored["examples"]} if seq2seq else {
@@ -159,8 +183,8 @@ def run(params: Params, stage: Stage) -> dict:
         "criterion": params.masks.criterion,
         "pattern": params.masks.pattern,
         "sparsity_asked": params.masks.sparsity,
+        # The compare rows are their own stages' metrics (metrics/compare/), not repeated here.
         "models": rows,
-        "compare": {f"{c['criterion']}-{c['pattern']}": c for c in compared},
         "speed": speed,
     }
 

@@ -84,6 +84,7 @@ def run(params: Params, stage: Stage) -> dict:
         write_json(out / "checkpoints.json", record)
     shutil.rmtree(resume)
     stage.write_plot("finetune_curve", curves)
+    stage.log_curve(curves, prefix="curve/", series="run")
     stage.log_artifact(OUT / "checkpoints.json", "finetune")
     return {**finetune_summary(record), "distill_weight": cfg.distill_weight,
             "bf16": record["validation"]["bf16"]}

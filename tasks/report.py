@@ -99,23 +99,54 @@ def markdown_report(params, context, stride, table, speed) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;"
+    "color:#222}p{max-width:70em;line-height:1.4}"
+    ".table{overflow-x:auto;margin:1em 0}table{border-collapse:collapse;font-size:12px;"
+    "width:100%}td,th{border:1px solid #ddd;padding:2px 4px;text-align:right;"
+    "white-space:nowrap}th{background:#f4f4f4;white-space:normal;vertical-align:bottom}"
+    "td:first-child,th:first-child{text-align:left;position:sticky;left:0;background:#fff}"
+    "th:first-child{background:#f4f4f4}tr.group td{background:#eef3fa;font-weight:600;"
+    "text-align:left}.figures{display:flex;flex-wrap:wrap;gap:1.5em}figure{margin:0;"
+    "flex:1 1 520px;max-width:100%}figure img{max-width:100%;height:auto;border:1px solid #eee}"
+    "figcaption{font-weight:600;margin:.3em 0}")
+# Captions of the report's plots, by file name.
+PLOT_TITLES = {"loss_curve.png": "Loss during dense training and fine-tuning",
+               "layer_sparsity.png": "Sparsity of each pruned Linear (final model's mask)",
+               "accuracy_vs_sparsity.png": "Average zero-shot accuracy against sparsity"}
+
+
+def _row_groups(body: list[list[str]]) -> list[tuple[str, list[list[str]]]]:
+    """The report's rows in two groups: the pipeline's own models (plain names) and the
+    compare rows (labelled "<criterion> <pattern> (...)")."""
+    main = [row for row in body if "(" not in row[0]]
+    compared = [row for row in body if "(" in row[0]]
+    return [(title, rows) for title, rows in (
+        ("Main path: dense, pruned, fine-tuned, averaged", main),
+        ("Comparison: every criterion x pattern from the same statistics", compared)) if rows]
+
+
 def html_report(params, context, stride, table, speed, images: dict[str, Path]) -> str:
     header, body = table
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in body)
+    rows = "".join(
+        f'<tr class="group"><td colspan="{len(header)}">{html.escape(title)}</td></tr>'
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                  for row in group)
+        for title, group in _row_groups(body))
     figures = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(name)}'
-        "</figcaption></figure>" for name, path in images.items())
+        f'<figure><figcaption>{html.escape(PLOT_TITLES.get(name, name))}</figcaption>'
+        f'<img alt="{html.escape(PLOT_TITLES.get(name, name))}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"></figure>'
+        for name, path in images.items())
     text = "".join(f"<p>{html.escape(p)}</p>" for p in
                    _caption(params, context, stride) + _speed_notes(speed))
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>gradprune evaluation"
-            "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:"
-            "collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-            "td:first-child{text-align:left}img{max-width:100%}</style></head><body>"
-            f"<h1>gradprune evaluation</h1>{text}<table><tr>{cells}</tr>{rows}</table>"
-            f"{figures}</body></html>\n")
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>gradprune evaluation</title><style>{REPORT_STYLE}</style></head><body>"
+            f"<h1>gradprune evaluation</h1>{text}<div class='table'><table><thead><tr>{cells}"
+            f"</tr></thead><tbody>{rows}</tbody></table></div>"
+            f"<div class='figures'>{figures}</div></body></html>\n")
 
 
 def _pyplot():
@@ -132,31 +163,66 @@ def _save(fig, path) -> bool:
     return True
 
 
+def _loss_panel(ax, curve: list[dict], title: str, runs: bool) -> None:
+    """Training loss per step (a line per run) and validation loss (markers)."""
+    for run in sorted({p.get("run", 0) for p in curve}):
+        points = [p for p in curve if p.get("run", 0) == run]
+        name = f"run {run}" if runs else "training"
+        line, = ax.plot([p["step"] for p in points], [p["train_loss"] for p in points],
+                        lw=1, alpha=0.6, label=f"{name}: train loss")
+        validated = [p for p in points if p["val_loss"] is not None]
+        ax.plot([p["step"] for p in validated], [p["val_loss"] for p in validated], "o-",
+                color=line.get_color(), label=f"{name}: validation loss")
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_curves(path, train_curve: list[dict], finetune_curve: list[dict]) -> bool:
+    """Dense training and fine-tuning side by side, each on its own steps: fine-tuning starts
+    from the pruned model, not where training stopped."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
     # A pretrained model kept as it is (train.steps 0) has no training curve.
-    offset = train_curve[-1]["step"] if train_curve else 0
-    points = [p for p in train_curve if p["val_loss"] is not None]
-    ax.plot([p["step"] for p in points], [p["val_loss"] for p in points], "o-",
-            label="dense training")
-    for run in sorted({p.get("run", 0) for p in finetune_curve}):
-        points = [p for p in finetune_curve if p.get("run", 0) == run and p["val_loss"] is not None]
-        ax.plot([p["step"] + offset for p in points], [p["val_loss"] for p in points], "o-",
-                label=f"fine-tuning run {run}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.legend()
+    panels = [(c, t, r) for c, t, r in (
+        (train_curve, "Dense training", False),
+        (finetune_curve, "Fine-tuning of the pruned model (mask fixed)", True)) if c]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (curve, title, runs) in zip(axes[0], panels):
+        _loss_panel(ax, curve, title, runs)
     return _save(fig, path)
 
 
 def plot_layers(path, rows: list[dict]) -> bool:
+    """Sparsity as a grid, decoder layers down and Linear types across, each cell labelled:
+    readable at any depth, where one bar per Linear is not."""
+    from gradprune.export.card import layer_type
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(rows))))
-    ax.barh([r["layer"] for r in rows], [r["sparsity"] for r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel("sparsity")
-    ax.tick_params(axis="y", labelsize=6)
+    kinds = sorted({layer_type(r["layer"]) for r in rows})
+    blocks = sorted({r["layer"][: -len(layer_type(r["layer"])) - 1] for r in rows},
+                    key=lambda b: [int(x) if x.isdigit() else x for x in b.split(".")])
+    grid = [[float("nan")] * len(kinds) for _ in blocks]
+    for r in rows:
+        kind = layer_type(r["layer"])
+        grid[blocks.index(r["layer"][: -len(kind) - 1])][kinds.index(kind)] = r["sparsity"]
+    fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2.5, 0.35 * len(blocks) + 1.8))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=30,
+                  ha="right")
+    ax.set_yticks(range(len(blocks)), [b.removeprefix("model.layers.") for b in blocks])
+    ax.set_ylabel("decoder layer")
+    if len(blocks) * len(kinds) <= 400:
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if value == value:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if value < 0.6 else "black")
+    ax.set_title("Sparsity per Linear")
+    fig.colorbar(image, ax=ax, label="sparsity")
     return _save(fig, path)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable
 from gradprune.config import ParamError, Params, load_params
 from gradprune.data import CorpusError
 from gradprune.io import remove_stale_temporaries, write_json
+from gradprune.progress import elapsed, progress_interval
 from gradprune.training.parallel import (
     init_process_group_from_env,
     is_main_process,
@@ -30,6 +32,10 @@ from gradprune.training.parallel import (
 
 DATA = Path("data")
 METRICS = Path("metrics")
+# A stage's whole record (its metrics beside the settings and names that explain them); the
+# metrics file holds only its numbers, so that `dvc metrics show` and `dvc exp show` stay
+# readable.
+REPORTS = Path("reports")
 PLOTS = Path("plots")
 EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)
 
@@ -56,8 +62,29 @@ class Stage:
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         self.tracked.log_artifacts(folder, artifact_path)
 
-    def register_model(self, folder: Path, artifact_path: str = "model") -> int:
-        return self.tracked.register_model(folder, artifact_path)
+    def register_model(self, folder: Path, artifact_path: str = "model", **metadata) -> int:
+        """Log and register an HF folder as an MLflow model (tasks.tracking.StageRun's
+        register_model: description, tags, alias)."""
+        return self.tracked.register_model(folder, artifact_path, **metadata)
+
+    def log_curve(self, rows: list[dict], prefix: str = "", series: str | None = None) -> None:
+        """Per-step metrics, so MLflow draws the curve."""
+        self.tracked.log_curve(rows, prefix, series)
+
+    def log_parent_metrics(self, metrics: dict) -> None:
+        """Headline numbers on the execution's parent run (the runs table's row)."""
+        self.tracked.log_parent_metrics(metrics)
+
+    def tag_final_model(self, tags: dict, description: str | None = None) -> None:
+        """Measurements of the registered final model (its `champion` version)."""
+        from tasks.tracking import tag_champion
+
+        tag_champion(self.params, tags, description)
+
+    def source_tags(self) -> dict[str, str]:
+        from tasks.tracking import source_tags
+
+        return source_tags()
 
 
 def quiet_progress_bars() -> None:
@@ -68,6 +95,39 @@ def quiet_progress_bars() -> None:
         transformers.utils.logging.disable_progress_bar()
         # Bars that libraries draw with tqdm directly (GGUF conversion) read this variable.
         os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+class Heartbeat(logging.Handler):
+    """No silent stage: when stderr is not a terminal (dvc repro's log, a Prefect task), a
+    line every progress interval in which the stage printed nothing else, naming the elapsed
+    time and the stage's last message (what it is doing and how far)."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = self.last = time.monotonic()
+        self.latest = "started"
+        self._stop = threading.Event()
+        self._log = logging.getLogger("gradprune.heartbeat")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = time.monotonic()
+        if record.name != self._log.name:
+            self.latest = record.getMessage()
+
+    def _beat(self, interval: float) -> None:
+        interval = max(interval, 1.0)  # at most a line a second, whatever the setting
+        while not self._stop.wait(interval / 4):
+            if time.monotonic() - self.last >= interval:
+                self._log.info("working, %s in; last: %s",
+                               elapsed(time.monotonic() - self.started), self.latest)
+
+    def start(self, interval: float) -> None:
+        logging.getLogger("gradprune").addHandler(self)
+        threading.Thread(target=self._beat, args=(interval,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        logging.getLogger("gradprune").removeHandler(self)
 
 
 def join_data_parallel(name: str, supported: bool) -> int:
@@ -119,12 +179,35 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         logging.getLogger("gradprune").setLevel(logging.INFO if main else logging.WARNING)
         stage = Stage(name, params)
         stage.args = args
-        if main:
-            _run_tracked(stage, run, processes if data_parallel else None)
-        else:
-            _run_untracked(stage, run)
+        heartbeat = Heartbeat()
+        if main and not sys.stderr.isatty():
+            heartbeat.start(progress_interval())
+        try:
+            if main:
+                _run_tracked(stage, run, processes if data_parallel else None)
+            else:
+                _run_untracked(stage, run)
+        finally:
+            heartbeat.stop()
     finally:
         shutdown_process_group()
+
+
+def numbers_only(record: dict) -> dict:
+    """The numbers of a stage's record, nesting kept: what DVC shows as metrics. Settings
+    (names, flags, lists, and any "settings" entry, such as speed's prompt length) stay in the
+    record (reports/<stage>.json)."""
+    kept = {}
+    for key, value in record.items():
+        if key == "settings":
+            continue
+        if isinstance(value, dict):
+            value = numbers_only(value)
+            if value:
+                kept[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            kept[key] = value
+    return kept
 
 
 def _report_expected_error(err: BaseException) -> None:
@@ -148,7 +231,8 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
     from tasks.tracking import stage_run
 
     name, params = stage.name, stage.params
-    for folder in (DATA, METRICS, METRICS / name.split("@")[0], PLOTS):
+    for folder in (DATA, METRICS, METRICS / name.split("@")[0], REPORTS,
+                   REPORTS / name.split("@")[0], PLOTS):
         remove_stale_temporaries(folder)
     started = time.perf_counter()
     try:
@@ -160,9 +244,12 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             metrics["peak_rss_mb"] = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            path = METRICS / f"{name.replace('@', '/')}.json"
-            write_json(path, metrics)
+            relative = f"{name.replace('@', '/')}.json"
+            write_json(REPORTS / relative, metrics)
+            path = METRICS / relative
+            write_json(path, numbers_only(metrics))
             tracked.log_metrics(metrics, path)
+            tracked.log_artifact(REPORTS / relative, "reports")
     except EXPECTED_ERRORS as err:
         _report_expected_error(err)
         sys.exit(1)

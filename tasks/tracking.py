@@ -27,6 +27,15 @@ PARENT_ENV = "GRADPRUNE_PARENT_RUN_ID"
 # `dvc exp run`.
 DVC_ROOT_ENV = "DVC_ROOT"
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+# MLflow 3's UI opens an experiment in its GenAI view unless this experiment tag names the
+# model-training kind (the values are the UI's own).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The newest final model's alias in the registry: models:/<name>@champion.
+CHAMPION = "champion"
+# What the logged model's environment needs; giving it skips MLflow's requirement inference
+# (about 4 s a model).
+MODEL_REQUIREMENTS = ["torch", "transformers", "tokenizers", "safetensors"]
 
 
 def stage_params_keys(stage: str, dvc_file: Path = Path("dvc.yaml")) -> list[str]:
@@ -83,7 +92,11 @@ def configure_tracking(params: Params, root: Path = Path(".")) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(_tracking_uri(params, root))
-    return mlflow.set_experiment(params.mlflow.experiment).experiment_id
+    experiment = mlflow.set_experiment(params.mlflow.experiment)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def create_parent_run(params: Params, launcher: str, root: Path = Path("."),
@@ -155,26 +168,169 @@ class StageRun:
         self._mlflow.log_metrics({k: float(v) for k, v in _flatten(metrics).items()})
         self._mlflow.log_artifact(str(path), "metrics")
 
-    def register_model(self, folder: Path, artifact_path: str = "model") -> int:
-        """Log a Hugging Face model folder and register it as a new version of the
-        configured registered model; returns the version number."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
+    def log_curve(self, rows: list[dict], prefix: str = "", series: str | None = None) -> int:
+        """Per-step metrics from curve rows ({"step": s, "train_loss": ..., "val_loss": ...}),
+        so MLflow charts draw curves: `<prefix><key>` at each row's step, or
+        `<prefix>run<series value>/<key>` when `series` names a column that splits the rows
+        into runs. Returns how many values were logged."""
+        from mlflow.entities import Metric
 
-        self.log_artifacts(folder, artifact_path)
-        client = MlflowClient()
+        now = int(time.time() * 1000)
+        values = []
+        for row in rows:
+            name = prefix if series is None else f"{prefix}run{row[series]}/"
+            values += [Metric(f"{name}{k}", float(v), now, int(row["step"]))
+                       for k, v in row.items()
+                       if k not in ("step", series) and _is_number(v)]
+        client = self._mlflow.MlflowClient()
+        for start in range(0, len(values), 1000):  # MLflow's limit per batch
+            client.log_batch(self.run_id, metrics=values[start:start + 1000])
+        return len(values)
+
+    def log_parent_metrics(self, metrics: dict) -> None:
+        """Headline numbers on the execution's parent run: the row the runs table shows."""
+        client = self._mlflow.MlflowClient()
+        parent = client.get_run(self.run_id).data.tags["mlflow.parentRunId"]
+        for key, value in _flatten(metrics).items():
+            client.log_metric(parent, key, float(value))
+
+    def register_model(self, folder: Path, artifact_path: str = "model",
+                       description: str | None = None, tags: dict | None = None,
+                       alias: str | None = CHAMPION) -> int:
+        """Log a Hugging Face model folder as an MLflow model and register it as a new version
+        of the configured registered model, with `description` (the model card), `tags` and
+        `alias`; returns the version number.
+
+        A decoder LM is logged with the transformers flavor as a text-generation pipeline
+        (signature, input example, the card): `mlflow.pyfunc.load_model("models:/<name>@<alias>")`
+        and `mlflow models serve` take it. The encoder-decoder, which no transformers pipeline
+        runs, is logged as plain files."""
+        from gradprune.models.seq2seq import is_seq2seq_folder
+
         name = self.params.mlflow.registered_model
-        try:
-            client.create_registered_model(name, description=(
-                "Pruned, fine-tuned and averaged model from the gradprune pipeline "
-                "(Hugging Face format: load with AutoModelForCausalLM.from_pretrained)."))
-        except MlflowException as err:
-            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-                raise
+        _ensure_registered_model(self._mlflow.MlflowClient(), name)
+        if is_seq2seq_folder(folder):
+            version = self._register_folder(folder, artifact_path, name)
+        else:
+            version = log_text_generation_model(folder, artifact_path, name, description)
+        set_version_metadata(name, version, description=description, tags=tags, alias=alias)
+        return version
+
+    def _register_folder(self, folder: Path, artifact_path: str, name: str) -> int:
+        self.log_artifacts(folder, artifact_path)
+        client = self._mlflow.MlflowClient()
         run = client.get_run(self.run_id)
         version = client.create_model_version(
             name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id)
         return int(version.version)
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=(
+            "Pruned, fine-tuned and averaged model from the gradprune pipeline: "
+            f"mlflow.pyfunc.load_model('models:/{name}@{CHAMPION}') generates text; the "
+            "version's files load with AutoModelForCausalLM.from_pretrained."))
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+
+
+def text_generation_signature():
+    """Prompts in, generated texts out, with the generation settings as inference params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string")]),
+                          outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec("max_new_tokens", "long", 32),
+                                              ParamSpec("do_sample", "boolean", False)]))
+
+
+def log_text_generation_model(folder: Path, artifact_path: str, registered_model: str,
+                              card: str | None = None) -> int:
+    """Log a decoder-LM folder in the active run with MLflow's transformers flavor (a
+    text-generation pipeline, weights saved by save_pretrained: no pickle) and register it;
+    returns the version number."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    model_card = None
+    if card is not None:
+        from huggingface_hub import ModelCard
+
+        model_card = ModelCard(card)
+    # The flavor looks up a license on the Hub by the model's name: nothing to find offline.
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        info = mlflow.transformers.log_model(
+            generator, name=artifact_path, task="text-generation", model_card=model_card,
+            signature=text_generation_signature(),
+            input_example=(["The market opened"], {"max_new_tokens": 8}),
+            pip_requirements=MODEL_REQUIREMENTS, registered_model_name=registered_model)
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
+    return int(info.registered_model_version)
+
+
+def set_version_metadata(name: str, version: int, description: str | None = None,
+                         tags: dict | None = None, alias: str | None = None) -> None:
+    """Description (the model card), tags and alias of a registered model version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if description is not None:
+        client.update_model_version(name, str(version), description=description)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, str(version))
+
+
+def source_tags(root: Path = Path(".")) -> dict[str, str]:
+    """Where a model came from: the git commit of the repository (DVC_ROOT under
+    `dvc exp run`) and the DVC experiment's name, when there is one."""
+    import subprocess
+
+    root = Path(os.environ.get(DVC_ROOT_ENV) or root)
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True)
+    tags = {"git_commit": done.stdout.strip() if done.returncode == 0 else "unknown",
+            "dvc_experiment": os.environ.get(DVC_EXP_NAME_ENV) or "workspace"}
+    return tags
+
+
+def tag_champion(params: Params, tags: dict, description: str | None = None) -> None:
+    """Add tags (and a new description) to the version the champion alias names: the
+    evaluate stage's measurements of the final model, known only after it is registered."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name = params.mlflow.registered_model
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:  # nothing registered yet (the average stage ran untracked)
+        return
+    set_version_metadata(name, int(version), description=description, tags=tags)
+
+
+def link_prefect_flow_run(run_id: str, flow_run_id: str, url: str | None) -> None:
+    """Tag an MLflow run with the Prefect flow run that launched it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(run_id, "prefect.flow_run_id", flow_run_id)
+    if url:
+        client.set_tag(run_id, "prefect.flow_run_url", url)
 
 
 @contextlib.contextmanager
@@ -210,6 +366,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, f"{key}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+        elif _is_number(v):
             out[key] = v
     return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

@@ -10,6 +10,7 @@ import time
 from gradprune.config import Params
 from gradprune.data import TASK_FILE, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts, unigram_perplexity
+from gradprune.export.card import save_hf_folder
 from gradprune.io import atomic_dir, read_json
 from gradprune.models.llama import bf16_enabled, build_llama, build_seq2seq, check_vocab
 from gradprune.models.sources import load_source_model
@@ -45,9 +46,9 @@ def run(params: Params, stage: Stage) -> dict:
     seconds = time.perf_counter() - started
 
     with atomic_dir(OUT) as out:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        save_hf_folder(model, tokenizer, out / "model")
     stage.write_plot("train_curve", [vars(p) for p in curve])
+    stage.log_curve([vars(p) for p in curve], prefix="curve/")
     stage.log_artifacts(OUT / "model", "model")
 
     val_loss = curve[-1].val_loss if curve else mean_loss(

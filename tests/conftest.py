@@ -105,3 +105,24 @@ def copy_repo(repo: Path, folder: Path) -> Path:
     """A copy of a micro repository, git history, DVC cache and workspace included."""
     shutil.copytree(repo, folder, symlinks=True)
     return folder
+
+
+TINY_DOCS = ["the market opened higher today and shares rose", "rain fell on the city all night",
+             "the team won the final match of the season"] * 20
+
+
+def tiny_llama_folder(folder: Path, seed: int = 0, ffn: int = 64, card: str | None = None,
+                      tie: bool = False) -> Path:
+    """A Hugging Face folder of a one-layer LLaMA (hidden 32) with a 300-token BPE tokenizer,
+    context 32, built and saved as the train stage does."""
+    from gradprune.config.schema import ModelParams
+    from gradprune.data import train_bpe_tokenizer
+    from gradprune.export.card import save_hf_folder
+    from gradprune.models.llama import build_llama
+
+    tokenizer = train_bpe_tokenizer(TINY_DOCS, 300)
+    model = build_llama(ModelParams(layers=1, hidden=32, heads=4, kv_heads=2, ffn=ffn,
+                                    tie_embeddings=tie),
+                        len(tokenizer), 32, tokenizer.eos_token_id, seed)
+    save_hf_folder(model, tokenizer, folder, card)
+    return folder

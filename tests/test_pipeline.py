@@ -31,7 +31,8 @@ DVC = [sys.executable, "-m", "dvc"]
 @pytest.fixture(scope="module")
 def repro_repo(session_tmp):
     repo = make_micro_repo(session_tmp / "repro")
-    env = run_env(session_tmp)
+    # A progress line after every item of every long loop: the micro stages take seconds.
+    env = {**run_env(session_tmp), "GRADPRUNE_PROGRESS_SECONDS": "0"}
     log = run(DVC + ["repro"], repo, env)
     return repo, env, log
 
@@ -61,6 +62,22 @@ def runs_by_parent(repo: Path) -> dict[str, list[dict]]:
     return parents
 
 
+def assert_metrics_are_numbers(repo: Path) -> None:
+    """DVC's metrics hold numbers only, each value once; the settings beside them are in the
+    stage's record under reports/."""
+    def leaves(tree):
+        for value in tree.values():
+            yield from leaves(value) if isinstance(value, dict) else [value]
+
+    for path in (repo / "metrics").rglob("*.json"):
+        metrics = json.loads(path.read_text())
+        assert all(type(v) in (int, float) for v in leaves(metrics)), path
+        assert (repo / "reports" / path.relative_to(repo / "metrics")).is_file()
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert "compare" not in evaluate and "criterion" not in evaluate
+    assert json.loads((repo / "reports" / "masks.json").read_text())["criterion"] == "gradient"
+
+
 def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
     repo, _, log = repro_repo
     for stage in [s for s in STAGES if s != "compare"] + COMPARE_ROWS:
@@ -68,19 +85,25 @@ def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
     masks = json.loads((repo / "metrics" / "masks.json").read_text())
     assert masks["sparsity_achieved"] == 0.5
     assert masks["kept"] * 2 == masks["prunable"]
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
     for model in ("pruned", "finetuned_last", "averaged"):
         assert 0.5 <= evaluate["models"][model]["sparsity"] < 0.51
         assert set(evaluate["models"][model]["tasks"]) == {
             "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"}
     assert evaluate["models"]["dense"]["sparsity"] == 0.0
     assert (evaluate["context"], evaluate["stride"]) == (64, 32)
-    row = evaluate["compare"]["sparsegpt-2:4"]
+    row = json.loads((repo / "reports" / "compare" / "sparsegpt-2:4.json").read_text())
     for scored in (row, row["finetuned"]):  # before and after fine-tuning + averaging
         assert 0.5 <= scored["sparsity"] < 0.501
         assert scored["test_perplexity"] > 1
         assert set(scored["tasks"]) == set(evaluate["models"]["dense"]["tasks"])
     assert row["finetuned"]["checkpoints"] == 3
+    assert_metrics_are_numbers(repo)
+    # No silent stage: what each is doing and how far, in the log dvc repro captures.
+    for line in ("[train] optimizer steps: 24/24 (100%)", "[gradients] calibration blocks: 8/8",
+                 "[evaluate] scoring model 4 of 4: averaged", "[evaluate] log-likelihoods: ",
+                 "[evaluate] perplexity windows: ", "[compare@sparsegpt-2:4] fine-tuning"):
+        assert line in log, line
     for name in ("loss_curve.png", "layer_sparsity.png", "report.md", "report.html"):
         assert (repo / "data" / "evaluate" / name).stat().st_size > 0
 
@@ -168,6 +191,13 @@ def test_flow_runs_the_same_dag_and_leaves_dvc_clean(flow_repo):
     assert len(parents) == 1
     (children,) = parents.values()
     assert sorted(c["stage"] for c in children) == NESTED_RUNS
+    # The MLflow parent run names the Prefect flow run that launched it.
+    from mlflow.tracking import MlflowClient
+
+    (parent_id,) = parents
+    parent = MlflowClient().get_run(parent_id)
+    assert len(parent.data.tags["prefect.flow_run_id"]) == 36  # a UUID
+    assert parent.data.metrics["averaged.sparsity"] >= 0.5
 
 
 def test_two_runs_from_scratch_are_bit_identical(repro_repo, flow_repo):
@@ -220,8 +250,8 @@ def test_a_compare_row_fine_tunes_exactly_as_the_main_path(repro_repo):
     repo, env, _ = repro_repo
     run(DVC + ["exp", "run", "compare@gradient-unstructured", "-S", "compare.criteria=[gradient]",
                "-S", "compare.patterns=[unstructured]"], repo, env)
-    row = json.loads((repo / "metrics" / "compare" / "gradient-unstructured.json").read_text())
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    row = json.loads((repo / "reports" / "compare" / "gradient-unstructured.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
     final = evaluate["models"]["averaged"]
     assert row["finetuned"]["test_perplexity"] == final["perplexity_test"]
     assert row["finetuned"]["tasks"] == final["tasks"]
@@ -262,7 +292,7 @@ def test_seq2seq_runs_the_same_dag(session_tmp):
     (children,) = runs_by_parent(repo).values()
     assert sorted(c["stage"] for c in children) == NESTED_RUNS
 
-    prepared = json.loads((repo / "metrics" / "prepare.json").read_text())["task"]
+    prepared = json.loads((repo / "reports" / "prepare.json").read_text())["task"]
     assert prepared["source_length"] + prepared["target_length"] == 64 + 2 * prepared["spans"] + 2
     masks = json.loads((repo / "metrics" / "masks.json").read_text())
     assert masks["sparsity_achieved"] == 0.5 and masks["kept"] * 2 == masks["prunable"]
@@ -272,13 +302,13 @@ def test_seq2seq_runs_the_same_dag(session_tmp):
                  "decoder.layers.0.linear2"):
         assert part in names
 
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
     assert evaluate["arch"] == "seq2seq" and evaluate["speed"] == {} and evaluate["tasks"] == []
     for name, row in evaluate["models"].items():
         assert row["perplexity_test"] > 1 and 0 <= row["exact_match"] <= 1
         assert row["exact_match_examples"] == 8 and row["tasks"] == {}
         assert row["sparsity"] == (0.0 if name == "dense" else 0.5)
-    row = evaluate["compare"]["sparsegpt-2:4"]
+    row = json.loads((repo / "reports" / "compare" / "sparsegpt-2:4.json").read_text())
     assert row["sparsity"] == 0.5 and row["test_perplexity"] > 1
     report = (repo / "data" / "evaluate" / "report.md").read_text()
     assert "| exact match |" in report and "Not run for an encoder-decoder" in report

@@ -460,6 +460,8 @@ class MlflowParams:
     tracking_uri: str | None = None
     experiment: str = "gradprune"
     registered_model: str = "gradprune-final"
+    # Also log and register each compare row's final model (alias compare-<criterion>-<pattern>).
+    log_compare_models: bool = False
 
     def check(self) -> None:
         _require(bool(self.experiment), "mlflow.experiment", "must be a non-empty name")

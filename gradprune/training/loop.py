@@ -38,6 +38,7 @@ from torch import nn
 from gradprune.config import TrainParams
 from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
+from gradprune.progress import progress_bar
 from gradprune.pruning.masks import apply_masks
 from gradprune.training.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
 
@@ -185,7 +186,7 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
         distillation.teacher.eval()
     curve = progress.curve
     started, first = time.perf_counter(), progress.step
-    for step in range(progress.step, cfg.steps):
+    for step in progress_bar(range(progress.step, cfg.steps), desc="optimizer steps"):
         if progress.stopped_early:
             break
         model.train()
