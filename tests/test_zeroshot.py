@@ -30,6 +30,7 @@ from gradprune.evaluation.zeroshot import (
     score_questions,
     scored_pairs,
     shared_prefixes,
+    token_batches,
 )
 from gradprune.models.llama import build_llama
 
@@ -147,6 +148,12 @@ def test_shared_prefixes_take_each_groups_common_tokens_and_split_groups_without
     # one input the prefix of another: the shorter one's every token is shared
     assert shared_prefixes([[1, 2], [1, 2, 3]], ["q", "q"]) == [(2, [0, 1])]
     assert shared_prefixes([[1, 2], [1, 2, 3]], [0, 1]) == [(2, [0]), (3, [1])]
+
+
+def test_token_batches_fill_a_token_budget_once_padded():
+    assert token_batches([10, 9, 5, 5, 5, 2], budget=20) == [range(0, 2), range(2, 6)]
+    assert token_batches([30, 4], budget=20) == [range(0, 1), range(1, 2)]
+    assert token_batches([], budget=20) == []
 
 
 def _full_forward_loglikelihoods(model, tokenizer, requests):

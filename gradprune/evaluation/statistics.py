@@ -28,7 +28,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     p = successes / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # At 0 or n successes the bound on that side is exactly 0 or 1; rounding would miss it.
+    return (0.0 if successes == 0 else center - half), (1.0 if successes == n else center + half)
 
 
 def accuracy_interval(correct: Sequence[float]) -> dict[str, float]:
@@ -141,3 +142,22 @@ def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int
     low, high = torch.quantile(perplexities, torch.tensor([ALPHA / 2, 1 - ALPHA / 2],
                                                           dtype=torch.float64)).tolist()
     return low, high
+
+
+def average_interval(stderrs: Sequence[float], z: float = Z95) -> float:
+    """Half-width of the 95% interval of an unweighted average of independent task
+    accuracies: z * sqrt(sum of squared standard errors) / number of tasks."""
+    return z * math.sqrt(sum(se * se for se in stderrs)) / len(stderrs)
+
+
+def compare_models(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
+                   resamples: int = 10000, seed: int = 0) -> dict:
+    """Model b against model a, both scored on the same questions of the same tasks (0/1
+    correctness per question, in the same order): `compare_correctness` per task, and under
+    "average" the paired bootstrap of the tasks' average, significant when its p-value is
+    below ALPHA."""
+    if set(a) != set(b):
+        raise ValueError(f"models scored on different tasks: {sorted(a)} and {sorted(b)}")
+    tasks = {task: compare_correctness(a[task], b[task], resamples, seed) for task in a}
+    average = paired_average_bootstrap(a, b, resamples, seed)
+    return {"tasks": tasks, "average": {**average, "significant": average["p_value"] < ALPHA}}

@@ -259,6 +259,17 @@ def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, li
     return runs
 
 
+def token_batches(lengths: list[int], budget: int) -> list[range]:
+    """Consecutive batches of `lengths` (sorted longest first), each as many items as fit
+    `budget` tokens once padded to its longest (at least one item)."""
+    batches, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or (i + 1 - start) * lengths[start] > budget:
+            batches.append(range(start, i))
+            start = i
+    return batches
+
+
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
                    batch_size: int, bf16: bool = False, groups: list | None = None
@@ -269,10 +280,12 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     Token ids are HFLM's (`model_inputs`); only their computation is shared. Requests with the
     same `groups` key (default: the same context string) run their common token prefix once;
     each request's remaining tokens then run from that prefix's key/value cache, so a
-    question's choices cost their own tokens only. Prefixes run `batch_size` at a time,
-    longest first, right-padded (causal attention never looks right; the continuations mask
-    the padding out). The output embeddings (LM head) run only at scored positions. Inputs
-    longer than the model's maximum length lose tokens from the left.
+    question's choices cost their own tokens only. Prefixes run `batch_size` a forward,
+    longest first; the rest of their requests, longest first, in forwards of at most as many
+    tokens as their prefixes' (`token_batches`), so no forward holds more than the harness's
+    would. Rows are right-padded: causal attention never looks right, and the rests mask the
+    prefixes' padding out. The output embeddings (LM head) run only at scored positions.
+    Inputs longer than the model's maximum length lose tokens from the left.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -283,19 +296,17 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     for start in progress_bar(range(0, len(runs), batch_size), desc="log-likelihoods",
                               total=math.ceil(len(runs) / batch_size)):
-        batch = runs[start:start + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            scored = _score_runs(model, batch, pairs, device)
+            scored = _score_runs(model, runs[start:start + batch_size], pairs, device)
         for i, result in scored.items():
             results[i] = result
     return results
 
 
 def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
-                pairs: list[tuple[list[int], list[int]]], device: torch.device
-                ) -> dict[int, tuple[float, bool]]:
-    """Score the requests of `runs`: one forward over their prefixes, one over every
-    request's tokens beyond its prefix (attending to the prefix's cache), and the LM head
+                pairs: list[tuple[list[int], list[int]]], device: torch.device) -> dict[int, tuple[float, bool]]:
+    """Score the requests of `runs`: one forward over their prefixes, then forwards over the
+    requests' tokens beyond their prefixes (attending to the prefixes' cache), and the LM head
     over the hidden states of the scored positions only."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     width = runs[0][0]
@@ -306,39 +317,51 @@ def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
     # cache) within the versions this project accepts.
     cache = DynamicCache()
     prefix_hidden = decoder(prefixes, None, None, cache, use_cache=True).last_hidden_state
-    hidden = [prefix_hidden.reshape(-1, prefix_hidden.shape[-1])]
-
-    # Each request's scored positions, as rows of the stacked hidden states: positions
-    # inside the prefix come from the prefix run, the rest from the request's own run.
-    suffixes = [(row, i) for row, (length, indices) in enumerate(runs) for i in indices
-                if len(pairs[i][0]) > length]
-    suffix_row = {i: n for n, (_, i) in enumerate(suffixes)}
-    suffix_width = max((len(pairs[i][0]) - runs[row][0] for row, i in suffixes), default=0)
-    picks, targets, spans = [], [], {}
+    # The hidden states of each request's scored positions: those inside its prefix from the
+    # prefix's run, the rest from its own.
+    pieces: dict[int, list[torch.Tensor]] = {}
     for row, (length, indices) in enumerate(runs):
         for i in indices:
             tokens, scored = pairs[i]
             first = len(tokens) - len(scored)
-            spans[i] = (len(picks), len(picks) + len(scored))
-            for position in range(first, len(tokens)):
-                picks.append(row * width + position if position < length else
-                             len(runs) * width + suffix_row[i] * suffix_width + position - length)
-            targets.extend(scored)
-    if suffixes:
-        ids = torch.zeros(len(suffixes), suffix_width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(suffixes), width + suffix_width, dtype=torch.long, device=device)
-        positions = torch.zeros(len(suffixes), suffix_width, dtype=torch.long, device=device)
-        for n, (row, i) in enumerate(suffixes):
-            length, rest = runs[row][0], pairs[i][0][runs[row][0]:]
+            pieces[i] = [prefix_hidden[row, first:min(length, len(tokens))]] \
+                if first < length else []
+
+    # Each request's tokens beyond its prefix, longest first, from its prefix's cache rows.
+    rests = sorted(((row, i) for row, (length, indices) in enumerate(runs) for i in indices
+                    if len(pairs[i][0]) > length),
+                   key=lambda rest: runs[rest[0]][0] - len(pairs[rest[1]][0]))
+    rest_lengths = [len(pairs[i][0]) - runs[row][0] for row, i in rests]
+    for chunk in token_batches(rest_lengths, len(runs) * width):
+        rest_width = rest_lengths[chunk[0]]
+        ids = torch.zeros(len(chunk), rest_width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(chunk), width + rest_width, dtype=torch.long, device=device)
+        positions = torch.zeros(len(chunk), rest_width, dtype=torch.long, device=device)
+        for n, (row, i) in enumerate(rests[k] for k in chunk):
+            length = runs[row][0]
+            rest = pairs[i][0][length:]
             ids[n, :len(rest)] = torch.tensor(rest)
             mask[n, :length] = 1
             mask[n, width:width + len(rest)] = 1
-            positions[n] = torch.arange(length, length + suffix_width)
-        cache.reorder_cache(torch.tensor([row for row, _ in suffixes], device=device))
-        rest = decoder(ids, mask, positions, cache, use_cache=True).last_hidden_state
-        hidden.append(rest.reshape(-1, rest.shape[-1]))
-    picked = torch.cat(hidden)[torch.tensor(picks, device=device)]
-    log_probs = head(picked).float().log_softmax(-1)
+            positions[n] = torch.arange(length, length + rest_width)
+        rows = torch.tensor([rests[k][0] for k in chunk], device=device)
+        chunk_cache = DynamicCache()
+        for number, layer in enumerate(cache.layers):
+            chunk_cache.update(layer.keys[rows], layer.values[rows], number)
+        rest_hidden = decoder(ids, mask, positions, chunk_cache, use_cache=True).last_hidden_state
+        for n, k in enumerate(chunk):
+            row, i = rests[k]
+            tokens, scored = pairs[i]
+            length = runs[row][0]
+            first = len(tokens) - len(scored)
+            pieces[i].append(rest_hidden[n, max(first - length, 0):len(tokens) - length])
+
+    picked, targets, spans = [], [], {}
+    for i, parts in pieces.items():
+        spans[i] = (len(targets), len(targets) + len(pairs[i][1]))
+        picked += parts
+        targets += pairs[i][1]
+    log_probs = head(torch.cat(picked)).float().log_softmax(-1)
     target = torch.tensor(targets, device=device)
     # Summed in float64 so the order of the additions cannot move the total by float32's
     # rounding (an ulp is 1.5e-5 at a log-likelihood of -150).
