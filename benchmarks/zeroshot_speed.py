@@ -14,9 +14,15 @@ cache), in float32 for both, with the same batch size.
   groups=question)`: each question's choices run their shared token prefix once and score
   their own tokens from its key/value cache; the LM head runs only at scored positions.
 
-Each task is timed on its own; rounds alternate which contestant goes first (harness,
-gradprune; gradprune, harness; ...) for --repeats rounds after one untimed warm-up of each on
-one question per task. A method's time is the sum over tasks of its per-task median.
+With --bf16, a third contestant: gradprune under bf16 autocast, as the evaluate stage runs
+on a CPU with native bf16 (`evaluate.bf16: auto`); its predictions are compared with the
+harness's float32 ones and may differ on close calls.
+
+Each task is timed on its own; rounds rotate which contestant goes first for --repeats rounds
+after one untimed warm-up of each on one question per task. A method's time is the sum over
+tasks of its per-task median (`ratio`) or of its per-task fastest run (`ratio_best`, timeit's
+rule: another job on the same cores only ever adds time; on a busy shared machine it is the
+steadier figure).
 
 Tokens: `tokens` counts every request's model input as HFLM forms it (context + continuation,
 left-truncated, without the last token), the work a scorer without sharing does; tokens/s of
@@ -30,8 +36,8 @@ gap between the two methods' log-likelihoods of one request.
 
     ratio = harness seconds / gradprune seconds   (above 1 favours gradprune)
 
-    OMP_NUM_THREADS=1 python benchmarks/zeroshot_speed.py [--items 6] [--repeats 2]
-        [--batch-size 8] [--tasks hellaswag piqa ...] [--sample-seed S]
+    OMP_NUM_THREADS=1 python benchmarks/zeroshot_speed.py [--items 6] [--repeats 3]
+        [--batch-size 8] [--tasks hellaswag piqa ...] [--sample-seed S] [--bf16]
         [--out benchmarks/results/zeroshot_speed.json]
 """
 
@@ -108,10 +114,12 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=6, help="questions per task")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--sample-seed", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time gradprune under bf16 autocast")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "zeroshot_speed.json")
     args = parser.parse_args()
@@ -127,9 +135,11 @@ def main() -> None:
                      for i, pair in enumerate(requests)]
         return [ll for ll, _ in harness.loglikelihood(instances, disable_tqdm=True)]
 
-    def run_gradprune(requests, groups):
+    def run_gradprune(requests, groups, bf16=False):
         return [ll for ll, _ in loglikelihoods(model, tokenizer, requests, args.batch_size,
-                                               groups=groups)]
+                                               bf16=bf16, groups=groups)]
+
+    methods = ["harness", "gradprune", *(["gradprune_bf16"] if args.bf16 else [])]
 
     max_length = model_max_length(model)
     per_task = {}
@@ -141,71 +151,87 @@ def main() -> None:
                        for length, members in runs)
         per_task[task] = {"questions": questions, "requests": requests, "groups": groups,
                           "tokens": sum(map(len, inputs)), "tokens_computed": computed,
-                          "harness_s": [], "gradprune_s": []}
+                          **{f"{name}_s": [] for name in methods}}
         first = len(questions[0].choices)  # warm-up: one question each, untimed
         run_harness(requests[:first])
         run_gradprune(requests[:first], groups[:first])
 
     for round_number in range(args.repeats):
         for task, entry in per_task.items():
-            contestants = [("harness", lambda e=entry: run_harness(e["requests"])),
-                           ("gradprune", lambda e=entry: run_gradprune(e["requests"],
-                                                                      e["groups"]))]
-            if round_number % 2:
-                contestants.reverse()
-            for name, fn in contestants:
-                seconds, lls = timed(fn)
+            contestants = {
+                "harness": lambda e=entry: run_harness(e["requests"]),
+                "gradprune": lambda e=entry: run_gradprune(e["requests"], e["groups"]),
+                "gradprune_bf16": lambda e=entry: run_gradprune(e["requests"], e["groups"],
+                                                                bf16=True)}
+            order = methods[round_number % len(methods):] + methods[:round_number % len(methods)]
+            for name in order:
+                seconds, lls = timed(contestants[name])
                 entry[f"{name}_s"].append(seconds)
                 entry.setdefault(f"{name}_lls", lls)
-            print(f"round {round_number} {task}: harness {entry['harness_s'][-1]:.2f} s, "
-                  f"gradprune {entry['gradprune_s'][-1]:.2f} s", flush=True)
+            print(f"round {round_number} {task}: " + ", ".join(
+                f"{name} {entry[f'{name}_s'][-1]:.2f} s" for name in methods), flush=True)
 
-    tasks_out, mismatched = {}, 0
+    tasks_out = {}
     for task, entry in per_task.items():
         theirs = predictions(entry["questions"], entry["harness_lls"])
-        ours = predictions(entry["questions"], entry["gradprune_lls"])
-        differing = sum(a != b for a, b in zip(theirs, ours))
-        mismatched += differing
-        harness_s = statistics.median(entry["harness_s"])
-        gradprune_s = statistics.median(entry["gradprune_s"])
-        tasks_out[task] = {
-            "questions": len(entry["questions"]), "requests": len(entry["requests"]),
-            "tokens": entry["tokens"], "tokens_computed": entry["tokens_computed"],
-            "harness_s": [round(s, 3) for s in entry["harness_s"]],
-            "gradprune_s": [round(s, 3) for s in entry["gradprune_s"]],
-            "harness_tokens_per_s": round(entry["tokens"] / harness_s, 1),
-            "gradprune_tokens_per_s": round(entry["tokens"] / gradprune_s, 1),
-            "ratio": round(harness_s / gradprune_s, 3),
-            "questions_with_different_predictions": differing,
-            "max_abs_loglikelihood_difference": max(
-                abs(a - b) for a, b in zip(entry["harness_lls"], entry["gradprune_lls"])),
-        }
-    harness_total = sum(statistics.median(e["harness_s"]) for e in per_task.values())
-    gradprune_total = sum(statistics.median(e["gradprune_s"]) for e in per_task.values())
+        out = {"questions": len(entry["questions"]), "requests": len(entry["requests"]),
+               "tokens": entry["tokens"], "tokens_computed": entry["tokens_computed"]}
+        for name in methods:
+            median = statistics.median(entry[f"{name}_s"])
+            out[f"{name}_s"] = [round(s, 3) for s in entry[f"{name}_s"]]
+            out[f"{name}_tokens_per_s"] = round(entry["tokens"] / median, 1)
+            if name != "harness":
+                out[f"{name}_ratio"] = round(statistics.median(entry["harness_s"]) / median, 3)
+                out[f"{name}_ratio_best"] = round(min(entry["harness_s"])
+                                                  / min(entry[f"{name}_s"]), 3)
+                ours = predictions(entry["questions"], entry[f"{name}_lls"])
+                out[f"{name}_questions_with_different_predictions"] = sum(
+                    a != b for a, b in zip(theirs, ours))
+                out[f"{name}_max_abs_loglikelihood_difference"] = max(
+                    abs(a - b) for a, b in zip(entry["harness_lls"], entry[f"{name}_lls"]))
+        tasks_out[task] = out
+
     tokens = sum(e["tokens"] for e in per_task.values())
+    totals = {name: sum(statistics.median(e[f"{name}_s"]) for e in per_task.values())
+              for name in methods}
+    best = {name: sum(min(e[f"{name}_s"]) for e in per_task.values()) for name in methods}
     result = {
         "benchmark": "zeroshot_speed",
-        "model": "SmolLM2-135M-Instruct (packaged), float32",
+        "model": "SmolLM2-135M-Instruct (packaged), float32 weights",
         "items_per_task": args.items, "sample_seed": args.sample_seed,
         "repeats": args.repeats, "batch_size": args.batch_size,
         "tokens": tokens,
         "tokens_computed": sum(e["tokens_computed"] for e in per_task.values()),
-        "harness_s": round(harness_total, 3), "gradprune_s": round(gradprune_total, 3),
-        "harness_tokens_per_s": round(tokens / harness_total, 1),
-        "gradprune_tokens_per_s": round(tokens / gradprune_total, 1),
-        "ratio": round(harness_total / gradprune_total, 3),
-        "identical_predictions": mismatched == 0,
-        "tasks": tasks_out,
-        "machine": machine_info(),
     }
+    for name in methods:
+        result[f"{name}_s"] = round(totals[name], 3)
+        result[f"{name}_best_s"] = round(best[name], 3)
+        result[f"{name}_tokens_per_s"] = round(tokens / totals[name], 1)
+        if name != "harness":
+            result[f"{name}_ratio"] = round(totals["harness"] / totals[name], 3)
+            result[f"{name}_ratio_best"] = round(best["harness"] / best[name], 3)
+            result[f"{name}_questions_with_different_predictions"] = sum(
+                t[f"{name}_questions_with_different_predictions"] for t in tasks_out.values())
+    result["identical_predictions"] = result["gradprune_questions_with_different_predictions"] == 0
+    result["tasks"] = tasks_out
+    result["machine"] = machine_info()
     write_json(args.out, result)
-    print(f"\n{'task':<14} {'tokens':>7} {'harness s':>10} {'gradprune s':>12} {'ratio':>6}")
+
+    print(f"\n{'task':<14} {'tokens':>7} " + " ".join(f"{name + ' s':>18}" for name in methods)
+          + " " + " ".join(f"{name + ' ratio':>20}" for name in methods[1:]))
     for task, t in tasks_out.items():
-        print(f"{task:<14} {t['tokens']:>7} {statistics.median(t['harness_s']):>10.2f} "
-              f"{statistics.median(t['gradprune_s']):>12.2f} {t['ratio']:>6.2f}")
-    print(f"{'all':<14} {tokens:>7} {harness_total:>10.2f} {gradprune_total:>12.2f} "
-          f"{result['ratio']:>6.2f}")
-    print(f"identical per-question predictions: {result['identical_predictions']}")
+        print(f"{task:<14} {t['tokens']:>7} "
+              + " ".join(f"{statistics.median(t[f'{name}_s']):>18.2f}" for name in methods)
+              + " " + " ".join(f"{t[f'{name}_ratio']:>20.2f}" for name in methods[1:]))
+    print(f"{'all (median)':<14} {tokens:>7} "
+          + " ".join(f"{totals[name]:>18.2f}" for name in methods)
+          + " " + " ".join(f"{result[f'{name}_ratio']:>20.2f}" for name in methods[1:]))
+    print(f"{'all (best)':<14} {tokens:>7} "
+          + " ".join(f"{best[name]:>18.2f}" for name in methods)
+          + " " + " ".join(f"{result[f'{name}_ratio_best']:>20.2f}" for name in methods[1:]))
+    for name in methods[1:]:
+        print(f"{name}: questions whose prediction differs from the harness's: "
+              f"{result[f'{name}_questions_with_different_predictions']}")
     print(f"wrote {args.out}")
 
 

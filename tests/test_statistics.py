@@ -146,3 +146,71 @@ def test_perplexity_interval_holds_the_pooled_perplexity():
     assert low < pooled < high
     assert math.exp(1.5) <= low and high <= math.exp(3.0)
     assert (low, high) == perplexity_interval(nll, tokens, resamples=500, seed=0)
+
+
+# --- wired into the evaluate stage -------------------------------------------------------
+
+def _records(task_values: dict[str, list[float]], start: int = 0) -> list[dict]:
+    return [{"task": task, "index": start + i, "acc": v, "acc_norm": v, "acc_bytes": v}
+            for task, values in task_values.items() for i, v in enumerate(values)]
+
+
+def test_questions_round_trip_through_parquet_and_pair_by_index(tmp_path):
+    from tasks.measure import compare_records, read_questions, write_questions
+
+    dense = _records({"piqa": [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]})
+    pruned = _records({"piqa": [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]})
+    write_questions(tmp_path / "q.parquet", {"dense": dense, "pruned": list(reversed(pruned))})
+    back = read_questions(tmp_path / "q.parquet")
+    assert back["dense"] == dense and sorted(back["pruned"], key=lambda r: r["index"]) == pruned
+    # reversed order on disk: pairs still go by question index
+    result = compare_records(back["dense"], back["pruned"], seed=0)
+    assert result["tasks"]["piqa"]["p_value"] == 0.21875  # the hand-computed McNemar case
+    assert result["tasks"]["piqa"]["difference"] == pytest.approx(-0.4)
+    with pytest.raises(ValueError, match="different questions"):
+        compare_records(dense, _records({"piqa": [1] * 10}, start=5), seed=0)
+
+
+def test_mark_against_dense_and_the_report_show_intervals_and_stars(tmp_path, monkeypatch):
+    from tasks import evaluate
+    from tasks.measure import QUESTIONS, write_questions
+    from tasks.report import report_table
+
+    monkeypatch.setattr(evaluate, "DATA", tmp_path)
+    strong, weak = [1] * 8 + [0, 1], [0] * 8 + [0, 1]  # McNemar p = 0.0078 between them
+
+    def row(values):
+        mean = sum(values) / len(values)
+        task = {"acc": mean, "acc_norm": mean, **{k: v for k, v in zip(
+            ("acc_ci_low", "acc_ci_high"), wilson_interval(int(sum(values)), len(values)))}}
+        return {"perplexity_test": 10.0, "perplexity_test_ci_low": 9.5,
+                "perplexity_test_ci_high": 10.5, "tasks": {"piqa": task}, "average_acc": mean,
+                "average_acc_ci_low": mean - 0.1, "average_acc_ci_high": mean + 0.1,
+                "sparsity": 0.5, "parameters": 10, "nonzero": 5,
+                "bytes": {"dense_export": 1e6, "sparse_export": 1e6}}
+
+    rows = {"dense": row(strong), "pruned": row(weak), "averaged": row(strong)}
+    questions = {name: _records({"piqa": v}) for name, v in
+                 [("dense", strong), ("pruned", weak), ("averaged", strong)]}
+    compared = [{"criterion": "wanda", "pattern": "2:4", "test_perplexity": 11.0,
+                 "perplexity_ci_low": 10.0, "perplexity_ci_high": 12.0, "sparsity": 0.5,
+                 "parameters": 10, "nonzero": 5, "tasks": {"piqa": row(weak)["tasks"]["piqa"]},
+                 "average_acc": 0.1}]
+    (tmp_path / "compare" / "wanda-2:4").mkdir(parents=True)
+    write_questions(tmp_path / "compare" / "wanda-2:4" / QUESTIONS,
+                    {"pruned": _records({"piqa": weak})})
+    evaluate.mark_against_dense(rows, compared, questions, seed=0)
+    assert "vs_dense" not in rows["dense"]
+    assert rows["pruned"]["vs_dense"]["tasks"]["piqa"]["significant"]
+    assert not rows["averaged"]["vs_dense"]["tasks"]["piqa"]["significant"]
+    assert compared[0]["vs_dense"]["tasks"]["piqa"]["p_value"] == 0.0078125
+    assert "wanda-2:4" in questions
+
+    header, body = report_table(("piqa",), rows, compared, {})
+    cells = {line[0]: dict(zip(header, line)) for line in body}
+    assert cells["dense"]["piqa acc/acc_n"] == "0.900 [0.60, 0.98]/0.900"
+    assert cells["pruned"]["piqa acc/acc_n"].startswith("0.100* [")
+    assert cells["averaged"]["piqa acc/acc_n"].startswith("0.900 [")
+    assert cells["wanda 2:4 (no fine-tuning)"]["piqa acc/acc_n"].startswith("0.100* [")
+    assert cells["dense"]["test ppl"] == "10.00 [9.50, 10.50]"
+    assert cells["pruned"]["avg acc"].startswith("0.100")

@@ -20,6 +20,7 @@ from gradprune.evaluation.zeroshot import (
     TaskError,
     encode_pair,
     evaluate_task,
+    length_batches,
     load_jsonl_task,
     load_task,
     loglikelihoods,
@@ -148,6 +149,14 @@ def test_shared_prefixes_take_each_groups_common_tokens_and_split_groups_without
     # one input the prefix of another: the shorter one's every token is shared
     assert shared_prefixes([[1, 2], [1, 2, 3]], ["q", "q"]) == [(2, [0, 1])]
     assert shared_prefixes([[1, 2], [1, 2, 3]], [0, 1]) == [(2, [0]), (3, [1])]
+
+
+def test_length_batches_cap_rows_and_padding():
+    # 8 < 0.75 * 12 starts a batch; so does the third item of a two-row batch
+    assert length_batches([12, 10, 9, 8, 8, 8, 2], 3) == [range(0, 3), range(3, 6),
+                                                         range(6, 7)]
+    assert length_batches([5, 5, 5], 8) == [range(0, 3)]
+    assert length_batches([], 8) == []
 
 
 def test_token_batches_fill_a_token_budget_once_padded():

@@ -259,6 +259,24 @@ def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, li
     return runs
 
 
+# A prefix batch takes no prefix shorter than this share of its longest, so padding stays
+# under a quarter of its tokens; a padded token costs as much as a real one, and on a CPU an
+# extra forward costs about as much as a dozen tokens.
+PADDING_BOUND = 0.75
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[range]:
+    """Consecutive batches of `lengths` (sorted longest first): at most `batch_size` items,
+    none shorter than PADDING_BOUND of its batch's longest."""
+    batches, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if (i == len(lengths) or i - start == batch_size
+                or lengths[i] < PADDING_BOUND * lengths[start]):
+            batches.append(range(start, i))
+            start = i
+    return batches
+
+
 def token_batches(lengths: list[int], budget: int) -> list[range]:
     """Consecutive batches of `lengths` (sorted longest first), each as many items as fit
     `budget` tokens once padded to its longest (at least one item)."""
@@ -280,10 +298,10 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     Token ids are HFLM's (`model_inputs`); only their computation is shared. Requests with the
     same `groups` key (default: the same context string) run their common token prefix once;
     each request's remaining tokens then run from that prefix's key/value cache, so a
-    question's choices cost their own tokens only. Prefixes run `batch_size` a forward,
-    longest first; the rest of their requests, longest first, in forwards of at most as many
-    tokens as their prefixes' (`token_batches`), so no forward holds more than the harness's
-    would. Rows are right-padded: causal attention never looks right, and the rests mask the
+    question's choices cost their own tokens only. Prefixes run longest first, at most
+    `batch_size` a forward and of similar lengths (`length_batches`); the rest of their
+    requests, longest first, in forwards of at most as many tokens as their prefixes'
+    (`token_batches`), so no forward holds more than the harness's would. Rows are right-padded: causal attention never looks right, and the rests mask the
     prefixes' padding out. The output embeddings (LM head) run only at scored positions.
     Inputs longer than the model's maximum length lose tokens from the left.
     """
@@ -294,10 +312,10 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     runs = shared_prefixes(inputs, groups if groups is not None else [c for c, _ in requests])
     runs.sort(key=lambda run: -run[0])
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for start in progress_bar(range(0, len(runs), batch_size), desc="log-likelihoods",
-                              total=math.ceil(len(runs) / batch_size)):
+    for batch in progress_bar(length_batches([length for length, _ in runs], batch_size),
+                              desc="log-likelihoods"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            scored = _score_runs(model, runs[start:start + batch_size], pairs, device)
+            scored = _score_runs(model, [runs[i] for i in batch], pairs, device)
         for i, result in scored.items():
             results[i] = result
     return results
