@@ -31,7 +31,6 @@ from gradprune.evaluation.zeroshot import (
     score_questions,
     scored_pairs,
     shared_prefixes,
-    token_batches,
 )
 from gradprune.models.llama import build_llama
 
@@ -151,18 +150,16 @@ def test_shared_prefixes_take_each_groups_common_tokens_and_split_groups_without
     assert shared_prefixes([[1, 2], [1, 2, 3]], [0, 1]) == [(2, [0]), (3, [1])]
 
 
-def test_length_batches_cap_rows_and_padding():
-    # 8 < 0.75 * 12 starts a batch; so does the third item of a two-row batch
-    assert length_batches([12, 10, 9, 8, 8, 8, 2], 3) == [range(0, 3), range(3, 6),
-                                                         range(6, 7)]
-    assert length_batches([5, 5, 5], 8) == [range(0, 3)]
-    assert length_batches([], 8) == []
-
-
-def test_token_batches_fill_a_token_budget_once_padded():
-    assert token_batches([10, 9, 5, 5, 5, 2], budget=20) == [range(0, 2), range(2, 6)]
-    assert token_batches([30, 4], budget=20) == [range(0, 1), range(1, 2)]
-    assert token_batches([], budget=20) == []
+def test_length_batches_cap_rows_tokens_and_padding():
+    # 8 < 0.75 * 12 starts a batch; so does the fourth item of a three-row batch
+    assert length_batches([12, 10, 9, 8, 8, 8, 2], rows=3) == [range(0, 3), range(3, 6),
+                                                              range(6, 7)]
+    assert length_batches([5, 5, 5], rows=8) == [range(0, 3)]
+    # 3 x 10 > 20 tokens once padded
+    assert length_batches([10, 9, 8, 8, 8, 7], tokens=20) == [range(0, 2), range(2, 4),
+                                                              range(4, 6)]
+    assert length_batches([30, 25], tokens=20) == [range(0, 1), range(1, 2)]
+    assert length_batches([], rows=8) == []
 
 
 def _full_forward_loglikelihoods(model, tokenizer, requests):

@@ -265,24 +265,16 @@ def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, li
 PADDING_BOUND = 0.75
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[range]:
-    """Consecutive batches of `lengths` (sorted longest first): at most `batch_size` items,
-    none shorter than PADDING_BOUND of its batch's longest."""
+def length_batches(lengths: list[int], rows: int | None = None, tokens: int | None = None
+                   ) -> list[range]:
+    """Consecutive batches of `lengths` (sorted longest first): at most `rows` items and
+    `tokens` tokens once padded to the batch's longest (at least one item each), none shorter
+    than PADDING_BOUND of its batch's longest."""
     batches, start = [], 0
     for i in range(1, len(lengths) + 1):
-        if (i == len(lengths) or i - start == batch_size
+        if (i == len(lengths) or (rows is not None and i - start == rows)
+                or (tokens is not None and (i + 1 - start) * lengths[start] > tokens)
                 or lengths[i] < PADDING_BOUND * lengths[start]):
-            batches.append(range(start, i))
-            start = i
-    return batches
-
-
-def token_batches(lengths: list[int], budget: int) -> list[range]:
-    """Consecutive batches of `lengths` (sorted longest first), each as many items as fit
-    `budget` tokens once padded to its longest (at least one item)."""
-    batches, start = [], 0
-    for i in range(1, len(lengths) + 1):
-        if i == len(lengths) or (i + 1 - start) * lengths[start] > budget:
             batches.append(range(start, i))
             start = i
     return batches
@@ -300,8 +292,8 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     each request's remaining tokens then run from that prefix's key/value cache, so a
     question's choices cost their own tokens only. Prefixes run longest first, at most
     `batch_size` a forward and of similar lengths (`length_batches`); the rest of their
-    requests, longest first, in forwards of at most as many tokens as their prefixes'
-    (`token_batches`), so no forward holds more than the harness's would. Rows are right-padded: causal attention never looks right, and the rests mask the
+    requests, longest first, of similar lengths, in forwards of at most `batch_size` times the
+    longest request's tokens, so no forward holds more tokens than the harness's would. Rows are right-padded: causal attention never looks right, and the rests mask the
     prefixes' padding out. The output embeddings (LM head) run only at scored positions.
     Inputs longer than the model's maximum length lose tokens from the left.
     """
@@ -312,17 +304,18 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     runs = shared_prefixes(inputs, groups if groups is not None else [c for c, _ in requests])
     runs.sort(key=lambda run: -run[0])
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for batch in progress_bar(length_batches([length for length, _ in runs], batch_size),
+    for batch in progress_bar(length_batches([length for length, _ in runs], rows=batch_size),
                               desc="log-likelihoods"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            scored = _score_runs(model, [runs[i] for i in batch], pairs, device)
+            scored = _score_runs(model, [runs[i] for i in batch], pairs, batch_size, device)
         for i, result in scored.items():
             results[i] = result
     return results
 
 
 def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
-                pairs: list[tuple[list[int], list[int]]], device: torch.device) -> dict[int, tuple[float, bool]]:
+                pairs: list[tuple[list[int], list[int]]], batch_size: int,
+                device: torch.device) -> dict[int, tuple[float, bool]]:
     """Score the requests of `runs`: one forward over their prefixes, then forwards over the
     requests' tokens beyond their prefixes (attending to the prefixes' cache), and the LM head
     over the hidden states of the scored positions only."""
@@ -350,7 +343,8 @@ def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
                     if len(pairs[i][0]) > length),
                    key=lambda rest: runs[rest[0]][0] - len(pairs[rest[1]][0]))
     rest_lengths = [len(pairs[i][0]) - runs[row][0] for row, i in rests]
-    for chunk in token_batches(rest_lengths, len(runs) * width):
+    budget = batch_size * max(len(pairs[i][0]) for _, indices in runs for i in indices)
+    for chunk in length_batches(rest_lengths, tokens=budget):
         rest_width = rest_lengths[chunk[0]]
         ids = torch.zeros(len(chunk), rest_width, dtype=torch.long, device=device)
         mask = torch.zeros(len(chunk), width + rest_width, dtype=torch.long, device=device)
