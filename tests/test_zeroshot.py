@@ -151,10 +151,11 @@ def test_shared_prefixes_take_each_groups_common_tokens_and_split_groups_without
 
 
 def test_length_batches_cap_rows_tokens_and_padding():
-    # 8 < 0.75 * 12 starts a batch; so does the fourth item of a three-row batch
-    assert length_batches([12, 10, 9, 8, 8, 8, 2], rows=3) == [range(0, 3), range(3, 6),
-                                                              range(6, 7)]
-    assert length_batches([5, 5, 5], rows=8) == [range(0, 3)]
+    # 20 < 0.75 * 30 and 10 tokens shorter starts a batch; so does a fourth row of three
+    assert length_batches([30, 28, 25, 20, 20, 20, 20], rows=3) == [range(0, 3), range(3, 6),
+                                                                   range(6, 7)]
+    # 7 < 0.75 * 12 but only 5 tokens shorter: not worth a forward of its own
+    assert length_batches([12, 7, 7], rows=8) == [range(0, 3)]
     # 3 x 10 > 20 tokens once padded
     assert length_batches([10, 9, 8, 8, 8, 7], tokens=20) == [range(0, 2), range(2, 4),
                                                               range(4, 6)]

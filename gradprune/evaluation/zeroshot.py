@@ -259,22 +259,24 @@ def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, li
     return runs
 
 
-# A prefix batch takes no prefix shorter than this share of its longest, so padding stays
-# under a quarter of its tokens; a padded token costs as much as a real one, and on a CPU an
-# extra forward costs about as much as a dozen tokens.
+# A batch takes no row shorter than PADDING_BOUND of its longest, unless it is at most
+# PADDING_SLACK tokens shorter: a padded token costs as much as a real one, and an extra
+# forward (on this CPU) about as much as a dozen tokens, so short rows are not worth one.
 PADDING_BOUND = 0.75
+PADDING_SLACK = 8
 
 
 def length_batches(lengths: list[int], rows: int | None = None, tokens: int | None = None
                    ) -> list[range]:
     """Consecutive batches of `lengths` (sorted longest first): at most `rows` items and
     `tokens` tokens once padded to the batch's longest (at least one item each), none shorter
-    than PADDING_BOUND of its batch's longest."""
+    than PADDING_BOUND of its batch's longest by more than PADDING_SLACK tokens."""
     batches, start = [], 0
     for i in range(1, len(lengths) + 1):
         if (i == len(lengths) or (rows is not None and i - start == rows)
                 or (tokens is not None and (i + 1 - start) * lengths[start] > tokens)
-                or lengths[i] < PADDING_BOUND * lengths[start]):
+                or (lengths[i] < PADDING_BOUND * lengths[start]
+                    and lengths[start] - lengths[i] > PADDING_SLACK)):
             batches.append(range(start, i))
             start = i
     return batches
@@ -293,9 +295,10 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     question's choices cost their own tokens only. Prefixes run longest first, at most
     `batch_size` a forward and of similar lengths (`length_batches`); the rest of their
     requests, longest first, of similar lengths, in forwards of at most `batch_size` times the
-    longest request's tokens, so no forward holds more tokens than the harness's would. Rows are right-padded: causal attention never looks right, and the rests mask the
-    prefixes' padding out. The output embeddings (LM head) run only at scored positions.
-    Inputs longer than the model's maximum length lose tokens from the left.
+    longest request's tokens, so no forward holds more tokens than the harness's would. Rows
+    are right-padded: causal attention never looks right, and the rests mask the prefixes'
+    padding out. The output embeddings (LM head) run only at scored positions. Inputs longer
+    than the model's maximum length lose tokens from the left.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -377,7 +380,7 @@ def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
     target = torch.tensor(targets, device=device)
     # Summed in float64 so the order of the additions cannot move the total by float32's
     # rounding (an ulp is 1.5e-5 at a log-likelihood of -150).
-    token_lls = log_probs.gather(1, target[:, None]).squeeze(1).double().cpu()
+    token_lls = log_probs.gather(1, target[:, None]).squeeze(1).cpu().double()
     greedy = (log_probs.argmax(-1) == target).cpu()
     return {i: (token_lls[a:b].sum().item(), bool(greedy[a:b].all()))
             for i, (a, b) in spans.items()}
