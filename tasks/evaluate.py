@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gradprune.config import Params
+from gradprune.config import ParamError, Params
 from gradprune.data import load_tokenizer
 from gradprune.evaluation.perplexity import (
     PAPER_PROTOCOL,
@@ -138,6 +138,11 @@ def run(params: Params, stage: Stage) -> dict:
 
     wikitext = None
     if cfg.wikitext is not None:
+        positions = read_json(DENSE / "config.json").get("max_position_embeddings")
+        if positions is not None and cfg.wikitext_context > positions:
+            raise ParamError("evaluate.wikitext_context",
+                             f"{cfg.wikitext_context} tokens exceed the model's {positions} "
+                             "positions; use at most that (the papers use 2048 or 4096)")
         wikitext = torch.tensor(tokenizer(read_test_text(cfg.wikitext))["input_ids"])
 
     factories = pipeline_models()

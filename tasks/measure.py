@@ -90,7 +90,8 @@ def zero_shot(model, tokenizer, params: Params) -> tuple[dict, list[dict]]:
     average = statistics.mean(t["acc"] for t in tasks.values())
     half = average_interval([t["acc_stderr"] for t in tasks.values()])
     return {"tasks": tasks, "average_acc": average,
-            "average_acc_ci_low": average - half, "average_acc_ci_high": average + half,
+            "average_acc_ci_low": max(0.0, average - half),
+            "average_acc_ci_high": min(1.0, average + half),
             "average_acc_norm": statistics.mean(t["acc_norm"] for t in tasks.values())
             }, questions
 
