@@ -1,8 +1,9 @@
 """Print the results tables of a finished pipeline run as Markdown (docs/RESULTS.md holds one).
 
 Every number is read from the run's stage records (reports/, the metrics files' numbers with the
-settings that name them): reports/evaluate.json (the dense and the final model),
-reports/compare/*.json (one row per criterion x pattern, before and after fine-tuning when
+settings that name them): reports/evaluate.json (the dense and the final model, and each compare
+row's tests against the dense model), reports/compare/*.json (one row per criterion x pattern,
+before and after fine-tuning when
 compare.finetune was on) and each stage's seconds and peak memory. Run it in the
 repository (or the experiment's workspace) that made them:
 
@@ -23,10 +24,26 @@ SHORT = {"hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGr.", "arc
 STAGES = ["prepare", "train", "gradients", "masks", "finetune", "average", "evaluate"]
 
 
+def star(vs: dict | None) -> str:
+    """* when the accuracy differs from the dense model's at p < 0.05 (evaluate's tests)."""
+    return "*" if vs and vs["significant"] else ""
+
+
 def accuracy_cells(row: dict) -> list[str]:
-    tasks = row.get("tasks", {})
-    cells = [f"{tasks[t]['acc']:.3f}" if t in tasks else "-" for t in TASKS]
-    return cells + [f"{row['average_acc']:.3f}" if "average_acc" in row else "-"]
+    """Each task's acc (starred when it differs from dense), and the average with its 95%
+    interval's half-width."""
+    tasks, vs = row.get("tasks", {}), row.get("vs_dense", {})
+    cells = [f"{tasks[t]['acc']:.3f}{star(vs.get('tasks', {}).get(t))}" if t in tasks else "-"
+             for t in TASKS]
+    if "average_acc" not in row:
+        return cells + ["-"]
+    half = (f" ± {row['average_acc_ci_high'] - row['average_acc']:.3f}"
+            if "average_acc_ci_high" in row else "")
+    return cells + [f"{row['average_acc']:.3f}{star(vs.get('average'))}{half}"]
+
+
+def perplexity_cell(ppl: float, low: float | None, high: float | None) -> str:
+    return f"{ppl:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
 
 
 def main() -> None:
@@ -36,35 +53,52 @@ def main() -> None:
     args = parser.parse_args()
     metrics = Path(args.reports)
     evaluate = json.loads((metrics / "evaluate.json").read_text())
-    rows = sorted((json.loads(p.read_text()) for p in (metrics / "compare").glob("*.json")),
-                  key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
-                                 CRITERIA.index(r["criterion"])))
+    compared = {p.stem: json.loads(p.read_text()) for p in (metrics / "compare").glob("*.json")}
+    # evaluate holds each compare row's tests against the dense model (its questions are there)
+    for key, tests in evaluate.get("compare_vs_dense", {}).items():
+        for name, vs in tests.items():
+            row = compared[key] if name == "pruned" else compared[key]["finetuned"]
+            row["vs_dense"] = vs
+    rows = sorted(compared.values(), key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
+                                                    CRITERIA.index(r["criterion"])))
     exp = "gradprune exp" + (f" --preset {args.preset}" if args.preset else "")
 
     header = ["model", "sparsity", "test ppl", *[SHORT[t] for t in TASKS], "avg", "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
-    def line(name: str, row: dict, ppl: float, command: str) -> None:
-        lines.append("| " + " | ".join([name, f"{row['sparsity']:.3f}", f"{ppl:.2f}",
+    def line(name: str, row: dict, ppl: str, command: str) -> None:
+        lines.append("| " + " | ".join([name, f"{row['sparsity']:.3f}", ppl,
                                          *accuracy_cells(row), f"`{command}`"]) + " |")
 
+    def evaluated(row: dict) -> str:
+        return perplexity_cell(row["perplexity_test"], row.get("perplexity_test_ci_low"),
+                               row.get("perplexity_test_ci_high"))
+
+    def compared_ppl(row: dict) -> str:
+        return perplexity_cell(row["test_perplexity"], row.get("perplexity_ci_low"),
+                               row.get("perplexity_ci_high"))
+
     dense = evaluate["models"]["dense"]
-    line("dense", dense, dense["perplexity_test"], f"{exp} evaluate")
+    line("dense", dense, evaluated(dense), f"{exp} evaluate")
     for r in rows:
         # SparseGPT chooses within rows whatever masks.scope says; N:M within groups of M.
         scoped = r["pattern"] == "unstructured" and r["criterion"] != "sparsegpt"
         name = f"{r['criterion']} ({r['scope']})" if scoped else r["criterion"]
         command = f"{exp} compare@{r['criterion']}-{r['pattern']}"
-        line(f"{name}, {r['pattern']}", r, r["test_perplexity"], command)
+        line(f"{name}, {r['pattern']}", r, compared_ppl(r), command)
         if "finetuned" in r:
             f = r["finetuned"]
-            line(f"{name}, {r['pattern']}, fine-tuned + {f['average']}", f,
-                 f["test_perplexity"], command)
+            line(f"{name}, {r['pattern']}, fine-tuned + {f['average']}", f, compared_ppl(f),
+                 command)
     final = evaluate["models"]["averaged"]
     masks = json.loads((metrics / "masks.json").read_text())
     line(f"final model ({masks['criterion']} {masks['pattern']}, the main path)", final,
-         final["perplexity_test"], f"{exp}")
+         evaluated(final), f"{exp}")
     print("\n".join(lines))
+    print("\nTest ppl: [95% bootstrap interval over the scored windows]. Accuracy: * differs "
+          "from the dense model's on the same questions at p < 0.05 (exact McNemar test; for "
+          "the average a paired bootstrap over each task's questions); avg ± the half-width of "
+          "its 95% interval.")
 
     print("\n| stage | seconds | peak RSS (GB) |\n| --- | ---: | ---: |")
     total = 0.0

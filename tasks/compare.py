@@ -6,7 +6,8 @@ tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot
 evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly
 as the finetune and average stages do (their params, their code, checkpoints in a temporary
 folder) and scores the merge again. The row is this stage's record (reports/compare/), its
-numbers the metrics file.
+numbers the metrics file; every scored question's correctness goes to
+data/compare/<criterion>-<pattern>/questions.parquet (models "pruned" and "finetuned").
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from gradprune.config import Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.export.card import save_hf_folder
+from gradprune.io import atomic_dir
 from gradprune.models.llama import load_model
 from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.pruning.stats import load_stats, load_stats_info
-from tasks.measure import test_perplexity, zero_shot
+from tasks.measure import QUESTIONS, test_perplexity, write_questions, zero_shot
 from tasks.recovery import average_into, finetune_runs, finetune_summary
 from tasks.stage import DATA, Stage, stage_main
 
@@ -59,18 +61,24 @@ def run(params: Params, stage: Stage) -> dict:
     model = apply_pruning(dense, pruned)
     tokenizer = load_tokenizer(DENSE)
 
-    def scores(model) -> dict:
+    questions: dict[str, list[dict]] = {}
+
+    def scores(model, name: str) -> dict:
         log.info("scoring")
         scored = test_perplexity(model, params)
+        accuracy = {}
+        if params.compare.zeroshot:
+            accuracy, questions[name] = zero_shot(model, tokenizer, params)
         return {"sparsity": prunable_sparsity(model, shapes),
                 "test_perplexity": scored["perplexity"], "tokens_scored": scored["tokens_scored"],
-                # The sliding window of a decoder LM's perplexity (a seq2seq model has none).
-                **{k: scored[k] for k in ("context", "stride") if k in scored},
-                **parameter_counts(model),
-                **(zero_shot(model, tokenizer, params) if params.compare.zeroshot else {})}
+                # The sliding window of a decoder LM's perplexity and its interval (a seq2seq
+                # model has neither).
+                **{k: scored[k] for k in ("context", "stride", "perplexity_ci_low",
+                                          "perplexity_ci_high") if k in scored},
+                **parameter_counts(model), **accuracy}
 
     row = {"criterion": criterion, "pattern": pattern, "scope": cfg.scope,
-           "sparsity_asked": cfg.sparsity, **scores(model)}
+           "sparsity_asked": cfg.sparsity, **scores(model, "pruned")}
     if params.compare.finetune:
         # A structurally smaller model has nothing left to mask.
         masks = {} if pruned.smaller is not None else pruned.masks
@@ -82,10 +90,14 @@ def run(params: Params, stage: Stage) -> dict:
                                   lambda c: runs / f"run-{c['run']}" / c["file"],
                                   read_blocks(DATA / "prepare" / "val.parquet"))
         row["finetuned"] = {**finetune_summary(record), "average": params.average.method,
-                            "merged_val_loss": merged["merged_val_loss"], **scores(model)}
+                            "merged_val_loss": merged["merged_val_loss"],
+                            **scores(model, "finetuned")}
     if params.mlflow.log_compare_models:
         register_row_model(stage, model, tokenizer, row.get("finetuned", row), criterion,
                            pattern)
+    # Every question's correctness, so evaluate can test this row against the dense model.
+    with atomic_dir(DATA / "compare" / f"{criterion}-{pattern}") as out:
+        write_questions(out / QUESTIONS, questions)
     return row
 
 

@@ -4,7 +4,11 @@ Rows: the dense model, the pruned model before fine-tuning, the last fine-tuning
 the averaged final model, and the compare stages' rows (criterion x pattern, before and, with
 compare.finetune, after fine-tuning). Columns: sliding-window test perplexity, zero-shot
 accuracy (acc and acc_norm, scored as lm-evaluation-harness scores them) per task, sparsity,
-parameters, bytes of the dense and the sparse export, prefill and decode tokens/s. For the
+parameters, bytes of the dense and the sparse export, prefill and decode tokens/s; with
+evaluate.wikitext, WikiText-2 perplexity as the Wanda and SparseGPT papers compute it. Every
+accuracy and perplexity carries its 95% interval, and every row's accuracy is tested against
+the dense model's on the same questions (exact McNemar per task, paired bootstrap for the
+average; each question's correctness is in data/evaluate/questions.parquet). For the
 encoder-decoder (model.arch seq2seq): target-token test perplexity and exact match of greedy
 decoding instead of the decoder-LM measures (zero-shot tasks, running-text perplexity, speed),
 which the report names as not run. Writes metrics.json (DVC metrics), plots (DVC plots) and
@@ -19,9 +23,15 @@ from pathlib import Path
 
 import torch
 
-from gradprune.config import Params
+from gradprune.config import ParamError, Params
 from gradprune.data import load_tokenizer
-from gradprune.evaluation.perplexity import parameter_counts, sliding_window_perplexity
+from gradprune.evaluation.perplexity import (
+    PAPER_PROTOCOL,
+    paper_perplexity,
+    parameter_counts,
+    read_test_text,
+    sliding_window_perplexity,
+)
 from gradprune.evaluation.speed import measure_speed, sparse_kernel_speed
 from gradprune.export.card import card_body, pipeline_card
 from gradprune.export.sparse import save_sparse, sparse_size_report
@@ -30,7 +40,17 @@ from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.models.seq2seq import exact_match
 from gradprune.pruning.masks import load_masks
 from gradprune.pruning.prune import MASKS_FILE, load_pruned_model, prunable_sparsity
-from tasks.measure import perplexity_window, test_examples, test_perplexity, zero_shot
+from tasks.measure import (
+    QUESTIONS,
+    compare_records,
+    perplexity_window,
+    read_questions,
+    test_examples,
+    test_perplexity,
+    with_interval,
+    write_questions,
+    zero_shot,
+)
 from tasks.report import (
     html_report,
     markdown_report,
@@ -102,6 +122,26 @@ def record_final_model(params: Params, stage: Stage, rows: dict) -> None:
                           card_body(card))
 
 
+def mark_against_dense(rows: dict, compared: list[dict], questions: dict[str, list[dict]],
+                       seed: int) -> None:
+    """Give every row but the dense one `vs_dense`: its accuracy against the dense model's on
+    the same questions (`compare_records`, per task and on the average). The compare rows'
+    questions (from their data/compare folders) join `questions` under
+    "<criterion>-<pattern>" and "<criterion>-<pattern>/finetuned"."""
+    for c in compared:
+        key = f"{c['criterion']}-{c['pattern']}"
+        path = DATA / "compare" / key / QUESTIONS
+        scored = read_questions(path) if path.is_file() else {}
+        for name, row in (("pruned", c), ("finetuned", c.get("finetuned"))):
+            if row is not None and name in scored:
+                label = key if name == "pruned" else f"{key}/finetuned"
+                questions[label] = scored[name]
+                row["vs_dense"] = compare_records(questions["dense"], scored[name], seed)
+    for name, row in rows.items():
+        if name != "dense" and name in questions:
+            row["vs_dense"] = compare_records(questions["dense"], questions[name], seed)
+
+
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.evaluate
     bf16 = bf16_enabled(cfg.bf16)
@@ -117,21 +157,43 @@ def run(params: Params, stage: Stage) -> dict:
     tasks = () if seq2seq else cfg.tasks
     dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
+    wikitext = None
+    if cfg.wikitext is not None:
+        positions = read_json(DENSE / "config.json").get("max_position_embeddings")
+        if positions is not None and cfg.wikitext_context > positions:
+            raise ParamError("evaluate.wikitext_context",
+                             f"{cfg.wikitext_context} tokens exceed the model's {positions} "
+                             "positions; use at most that (the papers use 2048 or 4096)")
+        wikitext = torch.tensor(tokenizer(read_test_text(cfg.wikitext))["input_ids"])
+
     factories = pipeline_models()
     rows: dict[str, dict] = {}
+    questions: dict[str, list[dict]] = {}
     for index, (name, make) in enumerate(factories.items()):
         log.info("scoring model %d of %d: %s", index + 1, len(factories), name)
         model = make()
         scored = test_perplexity(model, params)
         row = {"perplexity_test": scored["perplexity"]}
+        if "perplexity_ci_low" in scored:
+            row["perplexity_test_ci_low"] = scored["perplexity_ci_low"]
+            row["perplexity_test_ci_high"] = scored["perplexity_ci_high"]
         row.update({f"perplexity_{s}": sliding_window_perplexity(
                         model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
                     for s, ids in extra_streams.items()})
+        if wikitext is not None:
+            paper = with_interval(paper_perplexity(model, wikitext, cfg.wikitext_context,
+                                                   cfg.batch_size, bf16), params.seed)
+            row["perplexity_wikitext"] = paper["perplexity"]
+            row["perplexity_wikitext_ci_low"] = paper["perplexity_ci_low"]
+            row["perplexity_wikitext_ci_high"] = paper["perplexity_ci_high"]
         if seq2seq:
             examples = test_examples(params, model.config.target_length, cfg.exact_match_limit)
             row["exact_match"] = exact_match(model, examples, cfg.batch_size, bf16)
             row["exact_match_examples"] = len(examples)
-        row.update(zero_shot(model, tokenizer, params) if tasks else {"tasks": {}})
+        accuracy = {"tasks": {}}
+        if tasks:
+            accuracy, questions[name] = zero_shot(model, tokenizer, params)
+        row.update(accuracy)
         row["sparsity"] = prunable_sparsity(model, dense_shapes)
         row.update(parameter_counts(model))
         row["bytes"] = export_bytes(model)
@@ -152,6 +214,8 @@ def run(params: Params, stage: Stage) -> dict:
                                       **sparse_kernel_speed(weight, s.sparse_kernel_tokens,
                                                             s.repeats)}
     compared = [read_json(p) for p in sorted((REPORTS / "compare").glob("*.json"))]
+    if questions:
+        mark_against_dense(rows, compared, questions, params.seed)
 
     layer_rows = [{"layer": r["name"], "sparsity": r["sparsity"]}
                   for r in read_json(MASKS / "masks.json")["layers"]]
@@ -164,6 +228,7 @@ def run(params: Params, stage: Stage) -> dict:
             "accuracy_vs_sparsity.png": plot_accuracy(out / "accuracy_vs_sparsity.png", rows),
         }
         table = report_table(tasks, rows, compared, speed)
+        write_questions(out / QUESTIONS, questions)
         (out / "report.md").write_text(markdown_report(params, context, stride, table, speed))
         (out / "report.html").write_text(html_report(params, context, stride, table, speed,
                                                {k: out / k for k, v in plots.items() if v}))
@@ -179,12 +244,19 @@ def run(params: Params, stage: Stage) -> dict:
         **window,
         "tasks": list(tasks),
         "limit": cfg.limit,
+        "sample_seed": cfg.sample_seed,
+        **({"wikitext_protocol": PAPER_PROTOCOL.format(context=cfg.wikitext_context)}
+           if wikitext is not None else {}),
         "bf16": bf16,
         "criterion": params.masks.criterion,
         "pattern": params.masks.pattern,
         "sparsity_asked": params.masks.sparsity,
-        # The compare rows are their own stages' metrics (metrics/compare/), not repeated here.
+        # The compare rows are their own stages' records (reports/compare/), not repeated here;
+        # only their tests against the dense model, which need the dense model's questions.
         "models": rows,
+        "compare_vs_dense": {f"{c['criterion']}-{c['pattern']}": {
+            name: row["vs_dense"] for name, row in (("pruned", c), ("finetuned", c.get("finetuned")))
+            if row is not None and "vs_dense" in row} for c in compared},
         "speed": speed,
     }
 

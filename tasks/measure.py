@@ -1,22 +1,30 @@
 """The measurements that compare rows and the evaluate stage both report, taken the same way
-for both: test perplexity (sliding windows, or target tokens for seq2seq) and zero-shot
-accuracy."""
+for both: test perplexity (sliding windows, or target tokens for seq2seq) with its interval,
+and zero-shot accuracy with every question's correctness (a Parquet table, so two rows can be
+compared question by question)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gradprune.config import Params
 from gradprune.data import read_blocks
 from gradprune.evaluation.perplexity import sliding_window_perplexity
+from gradprune.evaluation.statistics import average_interval, compare_models, perplexity_interval
 from gradprune.evaluation.zeroshot import evaluate_task
+from gradprune.io import atomic_file
 from gradprune.models.llama import bf16_enabled
 from gradprune.models.seq2seq import Seq2SeqTransformer
 from gradprune.training.loop import mean_loss
 from tasks.stage import DATA
 
 TEST = DATA / "prepare" / "test.parquet"
+QUESTIONS = "questions.parquet"  # per-question correctness, beside a stage's other data
 
 
 def test_tokens(params: Params):
@@ -53,17 +61,76 @@ def test_perplexity(model, params: Params) -> dict:
         return {"perplexity": math.exp(loss), "loss": loss, "examples": len(rows),
                 "tokens_scored": int((targets != model.config.pad_token_id).sum())}
     context, stride = perplexity_window(params)
-    return sliding_window_perplexity(model, test_tokens(params), context, stride,
-                                     cfg.batch_size, bf16)
+    return with_interval(sliding_window_perplexity(model, test_tokens(params), context, stride,
+                                                   cfg.batch_size, bf16), params.seed)
 
 
-def zero_shot(model, tokenizer, params: Params) -> dict:
-    """Every evaluate.tasks benchmark on `model` ({} with no tasks), and the averages."""
+def with_interval(scored: dict, seed: int) -> dict:
+    """A perplexity result with its 95% bootstrap interval over windows (perplexity_ci_low,
+    perplexity_ci_high) in place of the per-window lists."""
+    nll, tokens = scored.pop("window_nll"), scored.pop("window_tokens")
+    scored["perplexity_ci_low"], scored["perplexity_ci_high"] = perplexity_interval(
+        nll, tokens, seed=seed)
+    return scored
+
+
+def zero_shot(model, tokenizer, params: Params) -> tuple[dict, list[dict]]:
+    """Every evaluate.tasks benchmark on `model` ({"tasks": {}} with no tasks) with the
+    averages and the 95% interval of the average accuracy; and one record per scored question
+    (task, index, acc, acc_norm, acc_bytes) for `write_questions`."""
     cfg = params.evaluate
-    tasks = {task: evaluate_task(model, tokenizer, task, cfg.task_limits.get(task, cfg.limit),
-                                 cfg.batch_size, bf16_enabled(cfg.bf16)) for task in cfg.tasks}
+    tasks, questions = {}, []
+    for task in cfg.tasks:
+        scored = evaluate_task(model, tokenizer, task, cfg.task_limits.get(task, cfg.limit),
+                               cfg.batch_size, bf16_enabled(cfg.bf16), cfg.sample_seed)
+        questions += [{"task": task, **q} for q in scored.pop("questions")]
+        tasks[task] = scored
     if not tasks:
-        return {"tasks": {}}
-    return {"tasks": tasks,
-            "average_acc": statistics.mean(t["acc"] for t in tasks.values()),
-            "average_acc_norm": statistics.mean(t["acc_norm"] for t in tasks.values())}
+        return {"tasks": {}}, []
+    average = statistics.mean(t["acc"] for t in tasks.values())
+    half = average_interval([t["acc_stderr"] for t in tasks.values()])
+    return {"tasks": tasks, "average_acc": average,
+            "average_acc_ci_low": max(0.0, average - half),
+            "average_acc_ci_high": min(1.0, average + half),
+            "average_acc_norm": statistics.mean(t["acc_norm"] for t in tasks.values())
+            }, questions
+
+
+def write_questions(path: Path, models: dict[str, list[dict]]) -> None:
+    """Per-question correctness of each model (name -> zero_shot's records) as one Parquet
+    table: model, task, index, acc, acc_norm, acc_bytes."""
+    records = [{"model": name, **q} for name, rows in models.items() for q in rows]
+    schema = pa.schema([("model", pa.string()), ("task", pa.string()), ("index", pa.int64()),
+                        ("acc", pa.float64()), ("acc_norm", pa.float64()),
+                        ("acc_bytes", pa.float64())])
+    with atomic_file(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
+
+
+def read_questions(path: Path) -> dict[str, list[dict]]:
+    """`write_questions`'s table back: model name -> its records."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: missing; run the stage that scores zero-shot "
+                                "questions (dvc repro)")
+    models: dict[str, list[dict]] = {}
+    for record in pq.read_table(path).to_pylist():
+        models.setdefault(record.pop("model"), []).append(record)
+    return models
+
+
+def compare_records(a: list[dict], b: list[dict], seed: int, metric: str = "acc") -> dict:
+    """Model b against model a (`compare_models`: per task and on the average) from their
+    `zero_shot` records; both must have been scored on the same questions."""
+    by_task = []
+    for records in (a, b):
+        tasks: dict[str, dict[int, float]] = {}
+        for record in records:
+            tasks.setdefault(record["task"], {})[record["index"]] = record[metric]
+        by_task.append(tasks)
+    questions = [{task: sorted(scored) for task, scored in tasks.items()} for tasks in by_task]
+    if questions[0] != questions[1]:
+        raise ValueError("the two models were scored on different questions; score both with "
+                         "the same evaluate.tasks, limit, task_limits and sample_seed")
+    return compare_models(*({task: [scored[i] for i in sorted(scored)]
+                             for task, scored in tasks.items()} for tasks in by_task),
+                          seed=seed)

@@ -8,6 +8,35 @@ import html
 from pathlib import Path
 
 from gradprune.config import Params
+from gradprune.evaluation.perplexity import PAPER_PROTOCOL
+
+
+def _marked(value: str, vs: dict | None) -> str:
+    """`value` with a star when it differs from the dense model's at p < 0.05."""
+    return value + ("*" if vs is not None and vs["significant"] else "")
+
+
+def _interval(low, high, digits: int) -> str:
+    return f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None else ""
+
+
+def _perplexity_cell(value: float, low, high) -> str:
+    return f"{value:.2f}" + _interval(low, high, 2)
+
+
+def _task_cell(scores: dict, vs: dict | None) -> str:
+    """acc with its 95% interval and significance against dense, then acc_norm."""
+    acc = _marked(f"{scores['acc']:.3f}", vs)
+    return (acc + _interval(scores.get("acc_ci_low"), scores.get("acc_ci_high"), 2)
+            + f"/{scores['acc_norm']:.3f}")
+
+
+def _average_cell(row: dict) -> str:
+    if "average_acc" not in row:
+        return "-"
+    vs = row.get("vs_dense", {}).get("average")
+    return _marked(f"{row['average_acc']:.3f}", vs) + _interval(
+        row.get("average_acc_ci_low"), row.get("average_acc_ci_high"), 3)
 
 
 def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict
@@ -16,18 +45,24 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
     taken (exact match of a decoder LM, accuracy without tasks, speed) are left out."""
     generated = any("exact_match" in r for r in rows.values())
     timed = any(name in speed for name in rows)
-    header = ["model", "test ppl", *(["exact match"] if generated else []),
+    wikitext = any("perplexity_wikitext" in r for r in rows.values())
+    header = ["model", "test ppl", *(["WikiText-2 ppl"] if wikitext else []),
+              *(["exact match"] if generated else []),
               *[f"{t} acc/acc_n" for t in tasks], *(["avg acc"] if tasks else []), "sparsity",
               "params", "non-zero", "dense MB", "sparse MB",
               *(["decode tok/s (b1)"] if timed else [])]
     body = []
     for name, r in rows.items():
         decode = speed.get(name, {}).get("batch_1", {}).get("decode_tokens_per_s")
+        vs = r.get("vs_dense", {}).get("tasks", {})
         body.append([
-            name, f"{r['perplexity_test']:.2f}",
+            name, _perplexity_cell(r["perplexity_test"], r.get("perplexity_test_ci_low"),
+                                   r.get("perplexity_test_ci_high")),
+            *([_perplexity_cell(r["perplexity_wikitext"], r["perplexity_wikitext_ci_low"],
+                                r["perplexity_wikitext_ci_high"])] if wikitext else []),
             *([f"{r['exact_match']:.3f}"] if generated else []),
-            *[f"{r['tasks'][t]['acc']:.3f}/{r['tasks'][t]['acc_norm']:.3f}" for t in tasks],
-            *([f"{r['average_acc']:.3f}"] if tasks else []), f"{r['sparsity']:.3f}",
+            *[_task_cell(r["tasks"][t], vs.get(t)) for t in tasks],
+            *([_average_cell(r)] if tasks else []), f"{r['sparsity']:.3f}",
             f"{r['parameters']:,}", f"{r['nonzero']:,}",
             f"{r['bytes']['dense_export'] / 1e6:.1f}", f"{r['bytes']['sparse_export'] / 1e6:.1f}",
             *([f"{decode:.0f}" if decode else "-"] if timed else [])])
@@ -38,11 +73,14 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
             scorings.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
         for label, r in scorings:
             scored = r.get("tasks", {})
-            body.append([label, f"{r['test_perplexity']:.2f}", *(["-"] if generated else []),
-                         *[f"{scored[t]['acc']:.3f}/{scored[t]['acc_norm']:.3f}" if t in scored
-                           else "-" for t in tasks],
-                         *([f"{r['average_acc']:.3f}" if "average_acc" in r else "-"]
-                           if tasks else []),
+            vs = r.get("vs_dense", {}).get("tasks", {})
+            body.append([label, _perplexity_cell(r["test_perplexity"],
+                                                 r.get("perplexity_ci_low"),
+                                                 r.get("perplexity_ci_high")),
+                         *(["-"] if wikitext else []), *(["-"] if generated else []),
+                         *[_task_cell(scored[t], vs.get(t)) if t in scored else "-"
+                           for t in tasks],
+                         *([_average_cell(r)] if tasks else []),
                          f"{r['sparsity']:.3f}", f"{r['parameters']:,}", f"{r['nonzero']:,}",
                          "-", "-", *(["-"] if timed else [])])
     return header, body
@@ -70,11 +108,25 @@ def _caption(params: Params, context: int, stride: int) -> list[str]:
     return [
         pruned,
         f"Perplexity: sliding windows of {context} tokens, stride {stride}, over the first "
-        f"{tasks.max_tokens or 'all'} test tokens. Zero-shot: first {tasks.limit or 'all'} "
-        "questions per task (validation splits), acc / acc_norm as lm-evaluation-harness "
-        "computes them. Sparsity is over the prunable Linears; dense/sparse MB are the sizes of "
-        "a plain safetensors export and of the bitmask + values export.",
+        f"{tasks.max_tokens or 'all'} test tokens. Zero-shot: {_questions(tasks)} per task "
+        "(validation splits), acc / acc_norm as lm-evaluation-harness computes them. Sparsity is "
+        "over the prunable Linears; dense/sparse MB are the sizes of a plain safetensors export "
+        "and of the bitmask + values export.",
+        "[low, high]: 95% intervals: Wilson's for a task's acc, mean +- 1.96 standard errors for "
+        "the average, a bootstrap over the scored windows for perplexity. *: differs from the "
+        "dense model's on the same questions at p < 0.05 (exact McNemar test for a task, "
+        "paired bootstrap for the average).",
+        *([f"WikiText-2 ppl: {PAPER_PROTOCOL.format(context=tasks.wikitext_context)}."]
+          if tasks.wikitext else []),
     ]
+
+
+def _questions(cfg) -> str:
+    if cfg.limit is None:
+        return "every question"
+    if cfg.sample_seed is None:
+        return f"the first {cfg.limit} questions"
+    return f"{cfg.limit} questions sampled with seed {cfg.sample_seed}"
 
 
 def _speed_notes(speed: dict) -> list[str]:

@@ -33,9 +33,8 @@ def write_params(folder: Path, **sections) -> Path:
 
 
 def run_prepare(monkeypatch, params: Path) -> int:
-    from tasks.stage import stage_main
-
     from tasks import prepare
+    from tasks.stage import stage_main
 
     monkeypatch.setattr(sys, "argv", ["tasks.prepare", "--params", str(params)])
     with pytest.raises(SystemExit) as exit_info:

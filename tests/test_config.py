@@ -108,6 +108,11 @@ def _error(raw: dict) -> ParamError:
     ({"compare": {"patterns": ["structured"]}}, "compare.patterns",
      "sparsegpt has no structured form"),
     ({"compare": {"criteria": ["obs"]}}, "compare.criteria[0]", "got 'obs'"),
+    ({"evaluate": {"wikitext": "no/such/wiki.test.txt"}}, "evaluate.wikitext",
+     "no/such/wiki.test.txt does not exist; give WikiText-2's test split"),
+    ({"evaluate": {"wikitext_context": 1}}, "evaluate.wikitext_context", "at least 2"),
+    ({"evaluate": {"sample_seed": "random"}}, "evaluate.sample_seed",
+     "must be an integer, got 'random'"),
 ])
 def test_bad_value_names_key_and_what_is_allowed(raw, key, allowed):
     err = _error(raw)

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -106,6 +107,22 @@ def test_repro_runs_every_stage_and_hits_the_sparsity(repro_repo):
         assert line in log, line
     for name in ("loss_curve.png", "layer_sparsity.png", "report.md", "report.html"):
         assert (repo / "data" / "evaluate" / name).stat().st_size > 0
+    # every accuracy and perplexity has its interval; every row but dense its paired tests
+    dense = evaluate["models"]["dense"]
+    assert dense["perplexity_test_ci_low"] < dense["perplexity_test"] \
+        < dense["perplexity_test_ci_high"]
+    for name, scored in [*evaluate["models"].items(), ("compare", row),
+                         ("compare fine-tuned", row["finetuned"])]:
+        for task in scored["tasks"].values():
+            assert task["acc_ci_low"] <= task["acc"] <= task["acc_ci_high"]
+        assert ("vs_dense" in scored) == (name != "dense"), name
+        if name != "dense":
+            assert set(scored["vs_dense"]["tasks"]) == set(dense["tasks"])
+            assert 0 <= scored["vs_dense"]["average"]["p_value"] <= 1
+    table = pq.read_table(repo / "data" / "evaluate" / "questions.parquet").to_pylist()
+    assert {r["model"] for r in table} == {"dense", "pruned", "finetuned_last", "averaged",
+                                           "sparsegpt-2:4", "sparsegpt-2:4/finetuned"}
+    assert len(table) == 6 * 7 * 2  # six rows x seven tasks x evaluate.limit questions
 
 
 def test_second_repro_does_nothing(repro_repo):

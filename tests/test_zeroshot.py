@@ -20,12 +20,17 @@ from gradprune.evaluation.zeroshot import (
     TaskError,
     encode_pair,
     evaluate_task,
+    length_batches,
     load_jsonl_task,
     load_task,
     loglikelihoods,
     mean_and_stderr,
+    model_inputs,
+    model_max_length,
+    question_indices,
     score_questions,
     scored_pairs,
+    shared_prefixes,
 )
 from gradprune.models.llama import build_llama
 
@@ -134,6 +139,111 @@ def test_loglikelihoods_do_not_depend_on_batch_size_and_flag_greedy(model_and_to
         assert greedy
 
 
+# --- cached-prefix scoring ----------------------------------------------------------------
+
+def test_shared_prefixes_take_each_groups_common_tokens_and_split_groups_without_one():
+    inputs = [[1, 2, 3, 4], [1, 2, 5], [7, 8], [9], [1, 2, 3]]
+    assert shared_prefixes(inputs, [0, 0, 1, 1, 2]) == [(2, [0, 1]), (2, [2]), (1, [3]),
+                                                         (3, [4])]
+    # one input the prefix of another: the shorter one's every token is shared
+    assert shared_prefixes([[1, 2], [1, 2, 3]], ["q", "q"]) == [(2, [0, 1])]
+    assert shared_prefixes([[1, 2], [1, 2, 3]], [0, 1]) == [(2, [0]), (3, [1])]
+
+
+def test_length_batches_cap_rows_tokens_and_padding():
+    # 20 < 0.75 * 30 and 10 tokens shorter starts a batch; so does a fourth row of three
+    assert length_batches([30, 28, 25, 20, 20, 20, 20], rows=3) == [range(0, 3), range(3, 6),
+                                                                   range(6, 7)]
+    # 7 < 0.75 * 12 but only 5 tokens shorter: not worth a forward of its own
+    assert length_batches([12, 7, 7], rows=8) == [range(0, 3)]
+    # 3 x 10 > 20 tokens once padded
+    assert length_batches([10, 9, 8, 8, 8, 7], tokens=20) == [range(0, 2), range(2, 4),
+                                                              range(4, 6)]
+    assert length_batches([30, 25], tokens=20) == [range(0, 1), range(1, 2)]
+    assert length_batches([], rows=8) == []
+
+
+def _full_forward_loglikelihoods(model, tokenizer, requests):
+    """The plain computation: one forward per request over its whole input, log-softmax over
+    every position's logits."""
+    results = []
+    for tokens, targets in model_inputs(tokenizer, requests, model_max_length(model)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0]
+        scored = logits[len(tokens) - len(targets):].log_softmax(-1)
+        target = torch.tensor(targets)
+        results.append((scored.gather(1, target[:, None]).double().sum().item(),
+                        bool((scored.argmax(-1) == target).all())))
+    return results
+
+
+def _assert_cached_equals_uncached(model, tokenizer, questions, batch_size=3):
+    requests, groups = [], []
+    for number, question in enumerate(questions):
+        requests += scored_pairs(question)
+        groups += [number] * len(question.choices)
+    cached = loglikelihoods(model, tokenizer, requests, batch_size, groups=groups)
+    alone = loglikelihoods(model, tokenizer, requests, 1, groups=list(range(len(requests))))
+    plain = _full_forward_loglikelihoods(model, tokenizer, requests)
+    for request, (ll, greedy), (ll_alone, greedy_alone), (ll_plain, greedy_plain) in zip(
+            requests, cached, alone, plain):
+        assert abs(ll - ll_alone) <= 1e-5 and abs(ll - ll_plain) <= 1e-5, request
+        assert greedy == greedy_alone == greedy_plain, request
+    inputs = [tokens for tokens, _ in model_inputs(tokenizer, requests, model_max_length(model))]
+    return shared_prefixes(inputs, groups)
+
+
+@pytest.fixture(scope="module")
+def long_model(model_and_tokenizer):
+    """The tiny model's shape with room for whole benchmark prompts (BoolQ passages)."""
+    _, tokenizer = model_and_tokenizer
+    cfg = ModelParams(layers=2, hidden=32, heads=4, kv_heads=2, ffn=48)
+    return build_llama(cfg, vocab_size=len(tokenizer), context=4096,
+                       eos_token_id=tokenizer.eos_token_id, seed=1).eval()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cached_prefix_scoring_equals_uncached_on_every_task(task, long_model,
+                                                             model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    questions = load_task(task, 5)
+    runs = _assert_cached_equals_uncached(long_model, tokenizer, questions)
+    # every question's choices share a prefix, so each question is one run
+    assert len(runs) == len(questions) and all(length >= 1 for length, _ in runs)
+
+
+EDGE_QUESTIONS = [
+    # a context ending in a space: HFLM moves it into every continuation
+    Question("The quick brown ", ("fox jumps.", "dog sits.", "fox"), 0),
+    # choices that start without a space are scored after the delimiter; one is a prefix of
+    # another, and two are equal
+    Question("Café crème costs", ("three euros", "three", "three", "nothing at all"), 0),
+    # characters that merge with the context across the boundary
+    Question("Question: How do I boil water?\nAnswer:", ("Put it in a pot.", "\nStir."), 0),
+    # partial scoring: choices complete the context, the shared rest is scored
+    Question("The trophy did not fit in the suitcase because ", ("the trophy", "it"), 0,
+             continuation="was too big."),
+    # no shared token at all: the blank opens the sentence
+    Question("", ("Sarah", "Maria"), 0, continuation="was the better surgeon."),
+    # one-token continuations, scored from the prefix's own last position
+    Question("Is the sky blue?\nAnswer:", ("no", "yes"), 1),
+]
+
+
+def test_cached_prefix_scoring_equals_uncached_on_tokenization_edge_cases(long_model,
+                                                                          model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    _assert_cached_equals_uncached(long_model, tokenizer, EDGE_QUESTIONS, batch_size=4)
+
+
+def test_cached_prefix_scoring_equals_uncached_past_the_models_window(model_and_tokenizer):
+    """The 48-position model cuts long inputs from the left, differently for each choice."""
+    model, tokenizer = model_and_tokenizer
+    long_context = " ".join(SENTENCES[:4])
+    questions = [Question(long_context, ("the lazy dog.", "a cat", "x"), 0), *EDGE_QUESTIONS]
+    _assert_cached_equals_uncached(model, tokenizer, questions, batch_size=2)
+
+
 # --- accuracy ----------------------------------------------------------------------------
 
 def test_acc_and_acc_norm_disagree_when_the_longer_answer_wins_per_character():
@@ -193,6 +303,17 @@ def test_each_packaged_task_has_the_documented_record_count():
 
 def test_limit_takes_the_first_questions():
     assert load_task("piqa", limit=5) == load_task("piqa")[:5]
+    assert question_indices(10, 3, None) == [0, 1, 2]
+    assert question_indices(10, None, 7) == question_indices(10, 10, 7) == list(range(10))
+
+
+def test_sample_seed_draws_a_reproducible_sample_in_task_order():
+    sample = question_indices(1838, 50, sample_seed=0)
+    assert sample == question_indices(1838, 50, sample_seed=0)
+    assert sample != question_indices(1838, 50, sample_seed=1)
+    assert sample == sorted(set(sample)) and len(sample) == 50 and sample[-1] < 1838
+    everything = load_task("piqa")
+    assert load_task("piqa", 50, sample_seed=0) == [everything[i] for i in sample]
     with pytest.raises(TaskError, match="unknown task"):
         load_task("mmlu")
 
@@ -270,8 +391,11 @@ def test_jsonl_task_loads_and_evaluates(tmp_path, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     result = evaluate_task(model, tokenizer, str(path), limit=2, batch_size=4)
     assert result["n"] == 2
-    assert set(result) == {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
-                           "acc_bytes", "acc_bytes_stderr"}
+    assert set(result) == {"n", "questions"} | {
+        f"{metric}{suffix}" for metric in ("acc", "acc_norm", "acc_bytes")
+        for suffix in ("", "_stderr", "_ci_low", "_ci_high")}
+    assert [q["index"] for q in result["questions"]] == [0, 1]
+    assert result["acc"] == sum(q["acc"] for q in result["questions"]) / 2
     full = evaluate_task(model, tokenizer, str(path), batch_size=4)
     assert full["n"] == 3 and 0.0 <= full["acc"] <= 1.0
 

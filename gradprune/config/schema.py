@@ -385,6 +385,11 @@ class EvaluateParams:
     stride: int | None = None
     max_tokens: int | None = 65536       # of the test split scored (null: all of it)
     extra_texts: tuple[str, ...] = ()    # more .txt files to report perplexity on
+    # WikiText-2's test split (a .txt file, a Parquet/Arrow file with a text column, or a
+    # Hugging Face datasets folder), scored as the Wanda and SparseGPT papers score it:
+    # non-overlapping windows of wikitext_context tokens. null: not scored.
+    wikitext: str | None = None
+    wikitext_context: int = 2048
     batch_size: int = 8
     bf16: BF16 = "auto"
     # Zero-shot multiple choice, scored as lm-evaluation-harness does; a .jsonl path adds a
@@ -392,6 +397,9 @@ class EvaluateParams:
     tasks: tuple[str, ...] = ZEROSHOT_TASKS
     limit: int | None = 200              # questions per task (null: all)
     task_limits: dict[str, int] = field(default_factory=dict)
+    # null: the first `limit` questions of each task (the harness's --limit); a number: a
+    # random sample of `limit` questions drawn with this seed, in the task's order.
+    sample_seed: int | None = None
     speed: SpeedParams = field(default_factory=SpeedParams)
     # model.arch seq2seq: test examples greedily decoded for exact match (null: all).
     exact_match_limit: int | None = 200
@@ -409,6 +417,11 @@ class EvaluateParams:
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
         for i, path in enumerate(self.extra_texts):
             _require(Path(path).is_file(), f"evaluate.extra_texts[{i}]", f"{path} is not a file")
+        _require(self.wikitext is None or Path(self.wikitext).exists(), "evaluate.wikitext",
+                 f"{self.wikitext} does not exist; give WikiText-2's test split (.txt, .parquet, "
+                 ".arrow or a Hugging Face datasets folder) or null")
+        _require(self.wikitext_context >= 2, "evaluate.wikitext_context",
+                 "must be at least 2 (the papers use 2048 or 4096)")
         for i, task in enumerate(self.tasks):
             if task.endswith(".jsonl"):
                 _require(Path(task).is_file(), f"evaluate.tasks[{i}]", f"{task} is not a file")
@@ -525,6 +538,9 @@ class Params:
                  "'decoder.layers.*']")
         _require(not self.evaluate.extra_texts, "evaluate.extra_texts",
                  "perplexity of running text is a decoder-LM measure; leave it empty with "
+                 "model.arch seq2seq")
+        _require(self.evaluate.wikitext is None, "evaluate.wikitext",
+                 "perplexity of running text is a decoder-LM measure; set it to null with "
                  "model.arch seq2seq")
         _require(not self.compare.zeroshot, "compare.zeroshot",
                  "zero-shot multiple choice is a decoder-LM measure; set it to false with "

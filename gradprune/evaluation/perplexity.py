@@ -4,6 +4,7 @@ pruning removed."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,12 +42,14 @@ def sliding_window_perplexity(model: nn.Module, token_ids: torch.Tensor, context
     """Perplexity of one token stream, scored in windows of `context` tokens that advance by
     `stride` (the "perplexity of fixed-length models" method; see `window_spans`).
 
-    Returns perplexity, mean loss (nats per token), tokens_scored, windows, context, stride.
+    Returns perplexity, mean loss (nats per token), tokens_scored, windows, context, stride,
+    and per window its summed loss and scored tokens (window_nll, window_tokens: what a
+    bootstrap interval resamples).
     """
     model.eval()
     token_ids = token_ids.reshape(-1).long()
     spans = window_spans(len(token_ids), context, stride)
-    total, count = 0.0, 0
+    window_nll, window_tokens = [], []
     for start in progress_bar(range(0, len(spans), batch_size), desc="perplexity windows"):
         group = spans[start:start + batch_size]
         windows = torch.stack([token_ids[begin:end] for begin, end, _ in group])
@@ -55,12 +58,79 @@ def sliding_window_perplexity(model: nn.Module, token_ids: torch.Tensor, context
         for row, (begin, end, first) in enumerate(group):
             # logits at window index j predict the token at index j + 1
             predicted = logits[row, first - begin - 1:end - begin - 1].float()
-            total += nn.functional.cross_entropy(predicted, windows[row, first - begin:],
-                                                 reduction="sum").item()
-            count += end - first
-    loss = total / count
+            window_nll.append(nn.functional.cross_entropy(
+                predicted, windows[row, first - begin:], reduction="sum").item())
+            window_tokens.append(end - first)
+    count = sum(window_tokens)
+    loss = sum(window_nll) / count
     return {"perplexity": math.exp(loss), "loss": loss, "tokens_scored": count,
-            "windows": len(spans), "context": context, "stride": stride}
+            "windows": len(spans), "context": context, "stride": stride,
+            "window_nll": window_nll, "window_tokens": window_tokens}
+
+
+# How the Wanda and SparseGPT reference code scores WikiText-2, written beside the number.
+PAPER_PROTOCOL = ("the Wanda/SparseGPT protocol: the test text (a datasets split's rows joined "
+                  "with '\\n\\n') tokenized once, cut into non-overlapping windows of "
+                  "{context} tokens (the remainder dropped), each scored on its own; exp of the "
+                  "mean loss")
+
+
+def paper_perplexity(model: nn.Module, token_ids: torch.Tensor, context: int,
+                     batch_size: int, bf16: bool) -> dict:
+    """Perplexity as the Wanda and SparseGPT reference code computes it on WikiText-2: the
+    stream cut into floor(n / context) non-overlapping windows of `context` tokens, the
+    remainder dropped, every token but a window's first predicted from that window alone;
+    exp of the mean loss (each window scores context - 1 tokens, so the mean of the windows'
+    mean losses that code takes is the mean over tokens). `sliding_window_perplexity`'s
+    result, with `protocol` saying this."""
+    token_ids = token_ids.reshape(-1)
+    windows = len(token_ids) // context
+    if windows == 0:
+        raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of "
+                         f"{context}; give a longer text or a shorter context")
+    scored = sliding_window_perplexity(model, token_ids[:windows * context], context, context,
+                                       batch_size, bf16)
+    return {**scored, "protocol": PAPER_PROTOCOL.format(context=context)}
+
+
+def read_test_text(path: str | Path) -> str:
+    """The text a perplexity protocol scores: a .txt file as it is; the "text" column of a
+    Parquet file, an Arrow file, or a Hugging Face datasets folder (`save_to_disk` output, a
+    DatasetDict's folder whose test split is used, or a hub snapshot's test-*.parquet files)
+    joined with blank lines, as the papers' code joins WikiText-2's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        folder = path / "test" if (path / "test").is_dir() else path
+        files = sorted(folder.glob("*.arrow")) or sorted(
+            p for p in path.rglob("*.parquet") if "test" in p.name)
+    elif path.suffix in (".parquet", ".arrow"):
+        files = [path]
+    else:
+        files = []
+    if not files:
+        raise FileNotFoundError(
+            f"{path}: no test text found; give a .txt file, a Parquet/Arrow file with a 'text' "
+            "column, or a Hugging Face datasets folder (save_to_disk, or a snapshot with "
+            "test-*.parquet)")
+    rows: list[str] = []
+    for file in files:
+        if file.suffix == ".parquet":
+            table = pq.read_table(file)
+        else:
+            with pa.memory_map(str(file)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    table = pa.ipc.open_file(source).read_all()
+        if "text" not in table.column_names:
+            raise ValueError(f"{file}: has no 'text' column (columns: {table.column_names})")
+        rows += table.column("text").to_pylist()
+    return "\n\n".join(rows)
 
 
 def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
