@@ -18,6 +18,7 @@ from gradprune.config import Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.models.llama import load_model
+from gradprune.pruning.criteria import statistics_for
 from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.measure import test_perplexity, zero_shot
@@ -45,8 +46,8 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
 def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
     cfg = row_mask_params(params, criterion, pattern)
-    dense = load_model(DENSE)
-    stats = load_stats(STATS)
+    dense = load_model(DENSE, stage.device)
+    stats = load_stats(STATS, stage.device, statistics_for([(cfg.criterion, cfg.variant)]))
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])

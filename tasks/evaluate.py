@@ -44,22 +44,24 @@ DENSE = DATA / "train" / "model"
 MASKS = DATA / "masks"
 
 
-def pipeline_models() -> dict:
-    """Factories for the models the pipeline made, in the order the report lists them."""
+def pipeline_models(device: torch.device) -> dict:
+    """Factories for the models the pipeline made, on `device`, in the order the report lists
+    them."""
     from safetensors.torch import load_model as load_weights_into
 
     last = read_json(DATA / "finetune" / "checkpoints.json")["checkpoints"][-1]
 
     def last_checkpoint():
-        model, _ = load_pruned_model(DENSE, MASKS)
-        load_weights_into(model, str(DATA / "finetune" / last["file"]), strict=False)
+        model, _ = load_pruned_model(DENSE, MASKS, device)
+        load_weights_into(model, str(DATA / "finetune" / last["file"]), strict=False,
+                          device=str(device))
         return model
 
     return {
-        "dense": lambda: load_model(DENSE),
-        "pruned": lambda: load_pruned_model(DENSE, MASKS)[0],
+        "dense": lambda: load_model(DENSE, device),
+        "pruned": lambda: load_pruned_model(DENSE, MASKS, device)[0],
         "finetuned_last": last_checkpoint,
-        "averaged": lambda: load_model(DATA / "average" / "model"),
+        "averaged": lambda: load_model(DATA / "average" / "model", device),
     }
 
 
@@ -83,7 +85,7 @@ def export_bytes(model: torch.nn.Module) -> dict:
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.evaluate
-    bf16 = bf16_enabled(cfg.bf16)
+    bf16 = bf16_enabled(cfg.bf16, stage.device)
     tokenizer = load_tokenizer(DENSE)
     seq2seq = params.model.arch == "seq2seq"
     context, stride = perplexity_window(params)
@@ -96,7 +98,7 @@ def run(params: Params, stage: Stage) -> dict:
     tasks = () if seq2seq else cfg.tasks
     dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
-    factories = pipeline_models()
+    factories = pipeline_models(stage.device)
     rows: dict[str, dict] = {}
     for name, make in factories.items():
         model = make()
@@ -121,7 +123,7 @@ def run(params: Params, stage: Stage) -> dict:
         s = cfg.speed
         speed = measure_speed(factories, len(tokenizer), s.prompt_len, s.new_tokens,
                               tuple(s.batch_sizes), s.repeats, bf16)
-        pruned, masks = load_pruned_model(DENSE, MASKS)
+        pruned, masks = load_pruned_model(DENSE, MASKS, stage.device)
         if masks:  # structured pruning leaves no masked matrix to time
             name = next(iter(masks))
             weight = dict(pruned.named_modules())[name].weight

@@ -70,10 +70,11 @@ def run(params: Params, stage: Stage) -> dict:
         raise ValueError(f"finetune.batch_size={cfg.batch_size} is below the {processes} "
                          "processes, each of which needs a block of every batch; raise it or "
                          "run fewer processes")
-    _, masks = load_pruned_model(DENSE, MASKS)
+    _, masks = load_pruned_model(DENSE, MASKS, stage.device)
     resume = resume_folder(inputs_fingerprint(params)) if is_main_process() else RESUME
     barrier()  # the other processes read the state the main one kept or cleared
-    record = finetune_runs(params, resume, lambda: load_pruned_model(DENSE, MASKS)[0], masks)
+    record = finetune_runs(params, resume, lambda: load_pruned_model(DENSE, MASKS, stage.device)[0],
+                           masks)
     if not is_main_process():
         return {}
     curves = record.pop("curves")

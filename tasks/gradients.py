@@ -1,4 +1,9 @@
-"""gradients: E[g], E|g|, E[g^2] per prunable weight and input-channel activation norms.
+"""gradients: the calibration statistics the requested criteria read (E[g], E|g|, E[g^2] per
+prunable weight, input-channel activation norms, X^T X), in one lean gradient pass.
+
+Which statistics: gradients.statistics auto collects what masks.criterion (with masks.variant)
+and every compare.criteria row read, so a magnitude/wanda/sparsegpt-only run does no backward
+at all and a run without sparsegpt stores no Hessians; all collects every one.
 
 Data-parallel under `torchrun --standalone --nproc_per_node=N -m tasks.gradients`: each process
 takes its share of the calibration blocks, the sums are added across processes, rank 0 writes.
@@ -14,7 +19,8 @@ from gradprune.config import Params
 from gradprune.data import read_blocks
 from gradprune.io import atomic_dir
 from gradprune.models.llama import bf16_enabled, load_model, prunable_linears
-from gradprune.pruning.stats import collect_gradient_stats, save_stats
+from gradprune.pruning.criteria import statistics_for
+from gradprune.pruning.stats import STATISTICS, collect_gradient_stats, save_stats
 from gradprune.training.parallel import is_main_process
 from tasks.stage import DATA, Stage, stage_main
 
@@ -30,29 +36,49 @@ def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> tor
     return train_blocks[pick[:count].sort().values]
 
 
+def requested_statistics(params: Params) -> tuple[str, ...]:
+    """gradients.statistics resolved: every statistic, or those the masks criterion and the
+    compare rows read (as compare rows take their variant: masks.variant for gradient and
+    taylor, the plain form otherwise). act_norm stands in when none is read (magnitude,
+    random): it is one forward's worth of work and names every prunable Linear in the file."""
+    if params.gradients.statistics == "all":
+        return STATISTICS
+    masks = params.masks
+    rows = [(c, masks.variant if c in ("gradient", "taylor") else "mean")
+            for c in params.compare.criteria]
+    needed = statistics_for([(masks.criterion, masks.variant), *rows]) or {"act_norm"}
+    return tuple(s for s in STATISTICS if s in needed)
+
+
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.gradients
-    model = load_model(DATA / "train" / "model")
+    model = load_model(DATA / "train" / "model", stage.device)
     linears = prunable_linears(model, cfg.include, cfg.exclude)
     blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
                                 cfg.calibration_blocks, params.seed)
-    bf16 = bf16_enabled(cfg.bf16)
+    bf16 = bf16_enabled(cfg.bf16, stage.device)
+    statistics = requested_statistics(params)
 
     started = time.perf_counter()
-    stats, loss = collect_gradient_stats(model, linears, blocks, bf16, hessian=cfg.hessian)
+    stats, loss = collect_gradient_stats(model, linears, blocks, bf16, statistics,
+                                         checkpointing=cfg.checkpointing, offload=cfg.offload)
     seconds = time.perf_counter() - started
     if not is_main_process():
         return {}
 
     with atomic_dir(OUT) as out:
         save_stats(out / "stats.safetensors", stats,
-                   {"calibration_blocks": len(blocks), "block_size": blocks.shape[1]})
+                   {"calibration_blocks": len(blocks), "block_size": blocks.shape[1],
+                    "statistics": list(statistics)})
     return {
         "calibration_blocks": len(blocks),
         "calibration_tokens": int(blocks.numel()),
         "calibration_loss": loss,
         "prunable_modules": len(linears),
         "prunable_weights": sum(m.weight.numel() for m in linears.values()),
+        "statistics": len(statistics),
+        "statistics_bytes": sum(t.numel() * t.element_size()
+                                for per in stats.values() for t in per.values()),
         "tokens_per_second": round(blocks.numel() / seconds, 1),
         "bf16": bf16,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gradprune.config import Params
 from gradprune.io import atomic_dir, write_json
 from gradprune.models.llama import load_model
+from gradprune.pruning.criteria import statistics_for
 from gradprune.pruning.prune import prune, pruning_report, save_pruned
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.stage import DATA, Stage, stage_main
@@ -15,8 +16,8 @@ STATS = DATA / "gradients" / "stats.safetensors"
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.masks
-    stats = load_stats(STATS)
-    dense = load_model(DATA / "train" / "model")
+    stats = load_stats(STATS, stage.device, statistics_for([(cfg.criterion, cfg.variant)]))
+    dense = load_model(DATA / "train" / "model", stage.device)
     modules = dict(dense.named_modules())
     missing = [name for name in stats if name not in modules]
     if missing:

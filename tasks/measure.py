@@ -9,6 +9,7 @@ import statistics
 
 from gradprune.config import Params
 from gradprune.data import read_blocks
+from gradprune.device import model_device
 from gradprune.evaluation.perplexity import sliding_window_perplexity
 from gradprune.evaluation.zeroshot import evaluate_task
 from gradprune.models.llama import bf16_enabled
@@ -45,7 +46,7 @@ def test_perplexity(model, params: Params) -> dict:
     stream for a decoder LM; for the seq2seq model, target-token perplexity of the test
     examples (teacher forcing, pad tokens not scored)."""
     cfg = params.evaluate
-    bf16 = bf16_enabled(cfg.bf16)
+    bf16 = bf16_enabled(cfg.bf16, model_device(model))
     if isinstance(model, Seq2SeqTransformer):
         rows = test_examples(params, model.config.target_length)
         loss = mean_loss(model, rows, cfg.batch_size, bf16)
@@ -61,7 +62,8 @@ def zero_shot(model, tokenizer, params: Params) -> dict:
     """Every evaluate.tasks benchmark on `model` ({} with no tasks), and the averages."""
     cfg = params.evaluate
     tasks = {task: evaluate_task(model, tokenizer, task, cfg.task_limits.get(task, cfg.limit),
-                                 cfg.batch_size, bf16_enabled(cfg.bf16)) for task in cfg.tasks}
+                                 cfg.batch_size, bf16_enabled(cfg.bf16, model_device(model)))
+             for task in cfg.tasks}
     if not tasks:
         return {"tasks": {}}
     return {"tasks": tasks,

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradprune.config import FinetuneParams, ModelParams, params_from_dict
+from gradprune.device import resolve_device
 from gradprune.io import read_json
 from gradprune.models.llama import build_llama, prunable_linears
 from gradprune.pruning.masks import save_masks
@@ -205,6 +206,7 @@ class FakeStage:
 
     def __init__(self, params):
         self.params = params
+        self.device = resolve_device(params.device)
         self.plots = {}
 
     def write_plot(self, name, rows):

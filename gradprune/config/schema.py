@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,8 +19,10 @@ from gradprune.config.choices import (
     AVERAGE_METHODS,
     BF16_MODES,
     CRITERIA,
+    DEVICE_PATTERN,
     GRADIENT_VARIANTS,
     SCOPES,
+    STATISTICS_MODES,
     TAYLOR_VARIANTS,
     ZEROSHOT_TASKS,
 )
@@ -202,8 +205,13 @@ class GradientParams:
     include: tuple[str, ...] = ("model.layers.*",)
     exclude: tuple[str, ...] = ()
     bf16: BF16 = "auto"
-    # X^T X per Linear for sparsegpt (in_features^2 floats each); off saves memory and disk.
-    hessian: bool = True
+    # auto: only what masks.criterion (with masks.variant) and compare.criteria read, e.g. no
+    # in_features^2 Hessian per Linear without sparsegpt | all: E[g], E|g|, E[g^2], ||X_j||, X^T X.
+    statistics: Literal[STATISTICS_MODES] = "auto"
+    # Recompute each decoder layer's activations in backward instead of keeping them.
+    checkpointing: bool = False
+    # Keep the fp32 accumulators in host memory (pinned on a GPU), not on the device.
+    offload: bool = False
 
     def check(self) -> None:
         _require(self.calibration_blocks >= 1, "gradients.calibration_blocks", "must be at least 1")
@@ -470,6 +478,9 @@ class MlflowParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = 1234
+    # Where every computing stage runs: auto (CUDA when present, else the CPU) | cpu | cuda |
+    # cuda:N. Whether the machine has that device is checked when a stage starts.
+    device: str = "auto"
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -482,6 +493,8 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def check(self) -> None:
+        _require(re.fullmatch(DEVICE_PATTERN, self.device) is not None, "device",
+                 f"got {self.device!r}; allowed: auto (CUDA when present), cpu, cuda, cuda:N")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

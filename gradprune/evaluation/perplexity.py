@@ -10,6 +10,8 @@ from typing import Iterable, TypeVar
 import torch
 from torch import nn
 
+from gradprune.device import bf16_autocast, model_device
+
 
 def window_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) for each window of the sliding-window evaluation.
@@ -44,13 +46,14 @@ def sliding_window_perplexity(model: nn.Module, token_ids: torch.Tensor, context
     Returns perplexity, mean loss (nats per token), tokens_scored, windows, context, stride.
     """
     model.eval()
-    token_ids = token_ids.reshape(-1).long()
+    device = model_device(model)
+    token_ids = token_ids.reshape(-1).long().to(device)
     spans = window_spans(len(token_ids), context, stride)
     total, count = 0.0, 0
     for start in progress_bar(range(0, len(spans), batch_size), desc="perplexity windows"):
         group = spans[start:start + batch_size]
         windows = torch.stack([token_ids[begin:end] for begin, end, _ in group])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(device, bf16):
             logits = model(input_ids=windows).logits
         for row, (begin, end, first) in enumerate(group):
             # logits at window index j predict the token at index j + 1

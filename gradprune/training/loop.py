@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from gradprune.config import TrainParams
+from gradprune.device import bf16_autocast, model_device
 from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
 from gradprune.pruning.masks import apply_masks
@@ -166,7 +167,8 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
     that many validations in a row brought no lower validation loss.
     """
     params = dict(model.named_parameters())
-    masked = {params[f"{name}.weight"]: mask for name, mask in (masks or {}).items()}
+    device = model_device(model)
+    masked = {params[f"{name}.weight"]: mask.to(device) for name, mask in (masks or {}).items()}
     if masks:
         apply_masks(model, masks)
     optimizer = adamw(model, cfg)
@@ -197,7 +199,7 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
             mine = share(indices)
             # This process's part of the micro-batch's mean loss (1 in one process).
             weight = len(mine) / len(indices)
-            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[mine], bf16,
+            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[mine].to(device), bf16,
                                                    distillation, step, mine, state_dir)
             loss = lm_loss if kd_loss is None else distillation.mix(lm_loss, kd_loss)
             (loss * weight / grad_accum).backward()
@@ -249,13 +251,13 @@ def _sum_over_processes(*values: float) -> tuple[float, ...]:
 
 def _micro_batch_losses(model, batch, bf16, distillation, step, indices, state_dir):
     """The LM loss, and the distillation loss when distilling."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with bf16_autocast(batch.device, bf16):
         out = model(input_ids=batch, labels=batch)
     if not torch.isfinite(out.loss):
         raise FloatingPointError(_divergence("loss", out.loss.item(), step, indices, state_dir))
     if distillation is None:
         return out.loss, None
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), bf16_autocast(batch.device, bf16):
         teacher_logits = distillation.teacher(input_ids=batch).logits
     kd_loss = distillation_loss(out.logits, teacher_logits, distillation.temperature)
     if not torch.isfinite(kd_loss):
@@ -327,7 +329,7 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
     saved = _newest_state(state_dir)
     if saved is None:
         return None
-    tensors = load_file(str(saved / "tensors.safetensors"))
+    tensors = load_file(str(saved / "tensors.safetensors"), device=str(model_device(model)))
     meta = json.loads((saved / "state.json").read_text())
     with torch.no_grad():
         for name, p in model.named_parameters():
