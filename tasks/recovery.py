@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from gradprune.config import AverageParams, Params
-from gradprune.device import model_device
 from gradprune.data import read_blocks
+from gradprune.device import model_device
 from gradprune.io import atomic_file, read_json, remove_stale_temporaries, write_json
 from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.masks import apply_masks
