@@ -8,6 +8,7 @@ device (`model_device`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from contextlib import AbstractContextManager
@@ -58,8 +59,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def bf16_autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
-    """bf16 autocast on the device type the computation actually runs on."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast on the device type the computation actually runs on; nothing when off
+    (so a model on the meta device, which has no autocast, runs too)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def bf16_supported(device: torch.device) -> bool:
