@@ -19,8 +19,7 @@ from gradprune.config import Params
 from gradprune.data import read_blocks
 from gradprune.io import atomic_dir
 from gradprune.models.llama import bf16_enabled, load_model, prunable_linears
-from gradprune.pruning.criteria import statistics_for
-from gradprune.pruning.stats import STATISTICS, collect_gradient_stats, save_stats
+from gradprune.pruning.stats import collect_gradient_stats, requested_statistics, save_stats
 from gradprune.training.parallel import is_main_process
 from tasks.stage import DATA, Stage, stage_main
 
@@ -34,20 +33,6 @@ def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> tor
                          "training blocks; lower it or use a larger corpus")
     pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
     return train_blocks[pick[:count].sort().values]
-
-
-def requested_statistics(params: Params) -> tuple[str, ...]:
-    """gradients.statistics resolved: every statistic, or those the masks criterion and the
-    compare rows read (as compare rows take their variant: masks.variant for gradient and
-    taylor, the plain form otherwise). act_norm stands in when none is read (magnitude,
-    random): it is one forward's worth of work and names every prunable Linear in the file."""
-    if params.gradients.statistics == "all":
-        return STATISTICS
-    masks = params.masks
-    rows = [(c, masks.variant if c in ("gradient", "taylor") else "mean")
-            for c in params.compare.criteria]
-    needed = statistics_for([(masks.criterion, masks.variant), *rows]) or {"act_norm"}
-    return tuple(s for s in STATISTICS if s in needed)
 
 
 def run(params: Params, stage: Stage) -> dict:

@@ -10,7 +10,13 @@ from gradprune.config import MaskParams, ModelParams, params_from_dict
 from gradprune.models.llama import build_llama, prunable_linears
 from gradprune.pruning.criteria import statistics_for
 from gradprune.pruning.prune import prune
-from gradprune.pruning.stats import STATISTICS, collect_gradient_stats, load_stats, save_stats
+from gradprune.pruning.stats import (
+    STATISTICS,
+    collect_gradient_stats,
+    load_stats,
+    requested_statistics,
+    save_stats,
+)
 
 TINY = ModelParams(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64)
 VOCAB, CONTEXT = 64, 16
@@ -169,8 +175,6 @@ def test_statistics_each_criterion_reads():
 
 
 def test_the_stage_collects_what_masks_and_compare_read():
-    from tasks.gradients import requested_statistics
-
     assert requested_statistics(params_from_dict({})) == ("grad_mean", "act_norm", "hessian")
     only_magnitude = params_from_dict({"masks": {"criterion": "magnitude"},
                                        "compare": {"criteria": ["magnitude", "random"]}})

@@ -35,7 +35,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradprune.config import Params
 from gradprune.device import bf16_autocast, model_device
+from gradprune.pruning.criteria import statistics_for
 from gradprune.training.parallel import all_reduce_sum, share
 
 GRADIENT_STATISTICS = ("grad_mean", "grad_abs_mean", "grad_sq_mean")
@@ -50,6 +52,20 @@ def check_statistics(statistics: Iterable[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown statistic {unknown[0]!r}; allowed: {', '.join(STATISTICS)}")
     return tuple(s for s in STATISTICS if s in wanted)
+
+
+def requested_statistics(params: Params) -> tuple[str, ...]:
+    """gradients.statistics resolved: every statistic, or those the masks criterion and the
+    compare rows read (as compare rows take their variant: masks.variant for gradient and
+    taylor, the plain form otherwise). act_norm stands in when none is read (magnitude,
+    random): it is one forward's worth of work and names every prunable Linear in the file."""
+    if params.gradients.statistics == "all":
+        return STATISTICS
+    masks = params.masks
+    rows = [(c, masks.variant if c in ("gradient", "taylor") else "mean")
+            for c in params.compare.criteria]
+    needed = statistics_for([(masks.criterion, masks.variant), *rows]) or {"act_norm"}
+    return tuple(s for s in STATISTICS if s in needed)
 
 
 def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
