@@ -237,6 +237,15 @@ def check_fits(stage: str, need: StageNeed, device: torch.device,
         "data.block_size, or more GPUs (torchrun); `gradprune plan` shows every part")
 
 
+def check_stage_fits(stage: str, model_dir: Path, params: Params, device: torch.device,
+                     bf16: bool = False) -> None:
+    """check_fits for a stage about to load the LLaMA in `model_dir` (the seq2seq model, which
+    plan does not model, is let through)."""
+    if params.model.arch != "llama":
+        return
+    check_fits(stage, plan_stages(read_llama_config(model_dir), params, bf16)[stage], device)
+
+
 def _physical_memory() -> int:
     import os
 

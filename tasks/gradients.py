@@ -19,6 +19,7 @@ from gradprune.config import Params
 from gradprune.data import read_blocks
 from gradprune.io import atomic_dir
 from gradprune.models.llama import bf16_enabled, load_model, prunable_linears
+from gradprune.plan import check_stage_fits
 from gradprune.pruning.stats import collect_gradient_stats, requested_statistics, save_stats
 from gradprune.training.parallel import is_main_process
 from tasks.stage import DATA, Stage, stage_main
@@ -37,11 +38,12 @@ def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> tor
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.gradients
+    bf16 = bf16_enabled(cfg.bf16, stage.device)
+    check_stage_fits("gradients", DATA / "train" / "model", params, stage.device, bf16)
     model = load_model(DATA / "train" / "model", stage.device)
     linears = prunable_linears(model, cfg.include, cfg.exclude)
     blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
                                 cfg.calibration_blocks, params.seed)
-    bf16 = bf16_enabled(cfg.bf16, stage.device)
     statistics = requested_statistics(params)
 
     started = time.perf_counter()

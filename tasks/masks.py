@@ -5,6 +5,7 @@ from __future__ import annotations
 from gradprune.config import Params
 from gradprune.io import atomic_dir, write_json
 from gradprune.models.llama import load_model
+from gradprune.plan import check_stage_fits
 from gradprune.pruning.criteria import statistics_for
 from gradprune.pruning.prune import prune, pruning_report, save_pruned
 from gradprune.pruning.stats import load_stats, load_stats_info
@@ -16,6 +17,7 @@ STATS = DATA / "gradients" / "stats.safetensors"
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.masks
+    check_stage_fits("masks", DATA / "train" / "model", params, stage.device)
     stats = load_stats(STATS, stage.device, statistics_for([(cfg.criterion, cfg.variant)]))
     dense = load_model(DATA / "train" / "model", stage.device)
     modules = dict(dense.named_modules())
