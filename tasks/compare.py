@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
-from gradprune.data import load_tokenizer, read_blocks
+from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
-from gradprune.models.llama import load_model
-from gradprune.pruning.criteria import statistics_for
-from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
+from gradprune.models.llama import bf16_enabled, load_model
+from gradprune.pruning.prune import apply_pruning, prunable_sparsity, with_overrides
+from gradprune.pruning.sequential import layer_by_layer, prune_calibrated, statistics_to_load
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.measure import test_perplexity, zero_shot
 from tasks.recovery import average_into, finetune_runs, finetune_summary
@@ -47,10 +47,16 @@ def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
     cfg = row_mask_params(params, criterion, pattern)
     dense = load_model(DENSE, stage.device)
-    stats = load_stats(STATS, stage.device, statistics_for([(cfg.criterion, cfg.variant)]))
+    stats = load_stats(STATS, stage.device, statistics_to_load(cfg))
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
-    pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
+    # Layer by layer, the calibration blocks the gradients stage used pass through the layers.
+    blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
+                                params.gradients.calibration_blocks, params.seed) \
+        if layer_by_layer(cfg) else None
+    pruned = prune_calibrated(dense, stats, cfg, params.seed,
+                              load_stats_info(STATS)["calibration_blocks"], blocks,
+                              bf16=bf16_enabled(params.gradients.bf16, stage.device))
     model = apply_pruning(dense, pruned)
     tokenizer = load_tokenizer(DENSE)
 

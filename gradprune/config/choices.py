@@ -11,6 +11,9 @@ AVERAGE_METHODS = ("uniform", "val_weighted", "greedy", "ema", "swa")
 ARCHS = ("llama", "seq2seq")
 BF16_MODES = ("auto", "on", "off")
 STATISTICS_MODES = ("auto", "all")   # gradients.statistics
+CALIBRATION_MODES = ("one_pass", "sequential")   # masks.calibration
+# Criteria whose statistics come from activations: masks.calibration sequential applies to them.
+SEQUENTIAL_CRITERIA = ("wanda", "sparsegpt", "gblm")
 # device: auto (CUDA when present) | cpu | cuda | cuda:N; a regular expression, checked whole.
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 

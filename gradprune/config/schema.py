@@ -18,10 +18,12 @@ from gradprune.config.choices import (
     ARCHS,
     AVERAGE_METHODS,
     BF16_MODES,
+    CALIBRATION_MODES,
     CRITERIA,
     DEVICE_PATTERN,
     GRADIENT_VARIANTS,
     SCOPES,
+    SEQUENTIAL_CRITERIA,
     STATISTICS_MODES,
     TAYLOR_VARIANTS,
     ZEROSHOT_TASKS,
@@ -275,6 +277,10 @@ class MaskParams:
     overrides: dict[str, float] = field(default_factory=dict)
     # Linear names (fnmatch) left dense although the gradients stage collected them.
     exclude: tuple[str, ...] = ()
+    # wanda, sparsegpt, gblm: one_pass takes activation statistics from the dense model in the
+    # gradients stage; sequential recomputes them layer by layer through the already-pruned
+    # layers, as the reference implementations do (gradprune.pruning.sequential).
+    calibration: Literal[CALIBRATION_MODES] = "one_pass"
     structured: StructuredParams = field(default_factory=StructuredParams)
     sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
 
@@ -309,6 +315,14 @@ class MaskParams:
                      f"set masks.sparsity to {1 - n / m}")
         for name, value in self.overrides.items():
             _require(0 <= value < 1, f"masks.overrides.{name}", f"must be in [0, 1), got {value}")
+        if self.calibration == "sequential" and self.criterion in SEQUENTIAL_CRITERIA:
+            _require(pattern != "structured", "masks.calibration",
+                     "sequential prunes one layer at a time; the structured pattern chooses "
+                     "across layers: use one_pass")
+            _require(self.criterion == "sparsegpt" or pattern != "unstructured"
+                     or self.scope != "global", "masks.scope",
+                     f"{self.criterion} with masks.calibration sequential prunes one layer at a "
+                     "time: scope must be per_layer or per_row (compare rows: compare.scopes)")
         self.structured.check()
         self.sparsegpt.check()
 
@@ -516,6 +530,9 @@ class Params:
                  "tokenizer: give 'model' (or a folder holding that tokenizer), not 'bpe'")
         if self.model.arch == "seq2seq":
             self._check_seq2seq()
+            _require(self.masks.calibration == "one_pass", "masks.calibration",
+                     "sequential walks a LLaMA's decoder layers; use one_pass with model.arch "
+                     "seq2seq")
 
     def _check_seq2seq(self) -> None:
         """What the encoder-decoder cannot do: structured pruning (the smaller-model builder

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gradprune.config import Params
+from gradprune.config.choices import SEQUENTIAL_CRITERIA
 from gradprune.device import bf16_autocast, model_device
 from gradprune.pruning.criteria import statistics_for
 from gradprune.training.parallel import all_reduce_sum, share
@@ -57,15 +58,22 @@ def check_statistics(statistics: Iterable[str]) -> tuple[str, ...]:
 def requested_statistics(params: Params) -> tuple[str, ...]:
     """gradients.statistics resolved: every statistic, or those the masks criterion and the
     compare rows read (as compare rows take their variant: masks.variant for gradient and
-    taylor, the plain form otherwise). act_norm stands in when none is read (magnitude,
-    random): it is one forward's worth of work and names every prunable Linear in the file."""
+    taylor, the plain form otherwise), less the activation statistics of criteria that
+    masks.calibration sequential calibrates layer by layer. act_norm stands in when none is
+    read (magnitude, random): it is one forward's worth of work and names every prunable Linear
+    in the file."""
     if params.gradients.statistics == "all":
         return STATISTICS
     masks = params.masks
     rows = [(c, masks.variant if c in ("gradient", "taylor") else "mean")
             for c in params.compare.criteria]
-    needed = statistics_for([(masks.criterion, masks.variant), *rows]) or {"act_norm"}
-    return tuple(s for s in STATISTICS if s in needed)
+    needed = set()
+    for criterion, variant in [(masks.criterion, masks.variant), *rows]:
+        reads = statistics_for([(criterion, variant)])
+        if masks.calibration == "sequential" and criterion in SEQUENTIAL_CRITERIA:
+            reads -= set(ACTIVATION_STATISTICS)  # the masks stage takes them layer by layer
+        needed |= reads
+    return tuple(s for s in STATISTICS if s in (needed or {"act_norm"}))
 
 
 def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
