@@ -20,8 +20,8 @@ prediction is a sum of named parts, the arrays a stage holds at its peak:
 * fine-tuning: fp32 gradients (4), AdamW's two moments (8) and the moving average (4) for every
   parameter, the bool masks (1 a prunable weight), and with distillation the teacher's weights
   and logits;
-* host memory: the Python runtime with torch and transformers imported (RUNTIME_HOST_BYTES,
-  measured on the development machine), plus what a stage keeps on the host (offloaded
+* host memory: the stage process's runtime (RUNTIME_HOST_BYTES, measured on the development
+  machine), plus what a stage keeps on the host (offloaded
   accumulators, averaging's float64 sum). On a CPU the device is the host: the two add up.
 
 Predictions of peaks are checked against measured ones in benchmarks/plan_check.py.
@@ -36,12 +36,14 @@ from pathlib import Path
 import torch
 
 from gradprune.config import Params
+from gradprune.config.choices import SEQUENTIAL_CRITERIA
 from gradprune.models.llama import prunable_linears
 from gradprune.pruning.stats import requested_statistics
 
-# Resident bytes of `python -c "import torch, transformers"` plus a stage's imports, measured
-# here (about 450 MiB); the host floor every stage stands on.
-RUNTIME_HOST_BYTES = 450 * 2**20
+# The host floor every stage stands on: a stage process with torch, transformers and MLflow
+# imported and its MLflow run open peaks at about 600 MiB with a model of a few thousand
+# weights (the micro DAG's, measured on the development machine).
+RUNTIME_HOST_BYTES = 600 * 2**20
 STAGES = ("train", "gradients", "masks", "finetune", "average", "evaluate")
 
 
@@ -181,6 +183,11 @@ def plan_stages(config, params: Params, bf16: bool = True) -> dict[str, StageNee
         masks_device["rewritten_weights"] = 4 * s.prunable
         masks_device["sparsegpt_working_set"] = 3 * 4 * s.largest_input_sq
         masks_disk["rewritten_weights"] = 4 * s.prunable
+    if m.calibration == "sequential" and m.criterion in SEQUENTIAL_CRITERIA:
+        # The calibration hidden states in and out of the current layer, and its Hessians.
+        masks_device["calibration_states"] = 2 * 4 * s.hidden * block * g.calibration_blocks
+        masks_device["layer_statistics"] = 4 * (s.prunable_inputs_sq if m.criterion ==
+                                                "sparsegpt" else s.prunable_inputs) // s.layers
     plan["masks"] = StageNeed(masks_device, dict(runtime), masks_disk)
 
     f = params.finetune

@@ -71,3 +71,6 @@ for stage in finetune average evaluate; do
   "$PY" -m "tasks.$stage" >"$WORK/$stage.log" 2>&1 || { tail -20 "$WORK/$stage.log"; exit 1; }
   report "$stage" "metrics/$stage.json"
 done
+# The plan's predictions against these peaks (within 0.8..1.2 is the target).
+cd - >/dev/null
+"$PY" benchmarks/plan_check.py "$WORK" --out "$WORK/plan_check.json"
