@@ -145,10 +145,13 @@ def plan_stages(config, params: Params, bf16: bool = True) -> dict[str, StageNee
 
     def training(cfg, extra: dict[str, int]) -> dict[str, int]:
         tokens = cfg.batch_size * block
+        # A chunked loss holds one chunk's logits (distillation always takes them whole).
+        chunked = cfg.loss_chunk is not None and getattr(cfg, "distill_weight", 0) == 0
         return {"weights": weights, "gradients": 4 * s.parameters,
                 "adamw_moments": 8 * s.parameters, "autocast_copies": autocast,
                 "activations": _activations(s, tokens, False),
-                "logits": _logits(s, tokens), **extra}
+                "logits": _logits(s, cfg.batch_size * min(cfg.loss_chunk, block) if chunked
+                                  else tokens), **extra}
 
     plan = {}
     plan["train"] = StageNeed(device=training(params.train, {}) if params.train.steps else

@@ -185,6 +185,9 @@ class TrainParams:
     eval_every: int = 80
     eval_blocks: int = 64
     bf16: BF16 = "auto"
+    # Positions per chunk of the LLaMA's training loss: only one chunk's logits over the
+    # vocabulary exist at a time (recomputed in backward). null: the whole batch at once.
+    loss_chunk: int | None = None
 
     def check(self, section: str = "train") -> None:
         _require(self.steps >= 0, f"{section}.steps", "must be at least 0")
@@ -198,6 +201,8 @@ class TrainParams:
         _require(self.grad_clip > 0, f"{section}.grad_clip", "must be positive")
         _require(self.eval_every >= 1, f"{section}.eval_every", "must be at least 1")
         _require(self.eval_blocks >= 1, f"{section}.eval_blocks", "must be at least 1")
+        _require(self.loss_chunk is None or self.loss_chunk >= 1, f"{section}.loss_chunk",
+                 "must be null (whole batch) or at least 1 position")
 
 
 @dataclass(frozen=True)
