@@ -24,7 +24,7 @@ def resolve_device(setting: str) -> torch.device:
     """The device the `device` param names: auto is CUDA when present, else the CPU.
 
     Under torchrun a plain "cuda" or "auto" means this process's GPU (LOCAL_RANK), so every rank
-    computes on its own. A CUDA device on a machine without one (or an index past the last GPU)
+    computes on its own; a resolved GPU becomes the process's current CUDA device. A CUDA device on a machine without one (or an index past the last GPU)
     raises ParamError before anything is computed.
     """
     if not re.fullmatch(DEVICE_PATTERN, setting):
@@ -43,6 +43,8 @@ def resolve_device(setting: str) -> torch.device:
         raise ParamError("device", f"{setting!r} needs GPU {index} but this machine has "
                          f"{torch.cuda.device_count()}; pick one of cuda:0..cuda:"
                          f"{torch.cuda.device_count() - 1}")
+    # The current CUDA device too, so that NCCL collectives of this rank (barrier) use it.
+    torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 
