@@ -217,7 +217,7 @@ class GradientParams:
     statistics: Literal[STATISTICS_MODES] = "auto"
     # Recompute each decoder layer's activations in backward instead of keeping them.
     checkpointing: bool = False
-    # Keep the fp32 accumulators in host memory (pinned on a GPU), not on the device.
+    # Keep the fp32 accumulators in host memory, not on the device (copies through a pinned buffer).
     offload: bool = False
 
     def check(self) -> None:

@@ -11,7 +11,8 @@ post-accumulate-grad hook the moment backward has finished it, and freed there, 
 prunable weight's gradient is alive at a time instead of all of them. With `checkpointing`,
 each decoder layer's activations are recomputed in backward instead of kept (the input
 recorders count every token once all the same); with `offload`, accumulators live in host
-memory (pinned, when the model is on a GPU) and each gradient is copied there to be folded.
+memory and each gradient is copied there to be folded (through one pinned staging buffer when
+the model is on a GPU, so the copy runs at full speed and is complete before it is read).
 Memory is the model, one gradient, the accumulators and the (checkpointed) activations:
 nothing grows with the number of blocks.
 
@@ -98,11 +99,13 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     gradients = [s for s in statistics if s in GRADIENT_STATISTICS]
     device = model_device(model)
     home = torch.device("cpu") if offload else device
-    pin = offload and device.type == "cuda"
 
     def accumulator(*shape: int) -> torch.Tensor:
-        return torch.zeros(shape, dtype=torch.float32, device=home, pin_memory=pin)
+        return torch.zeros(shape, dtype=torch.float32, device=home)
 
+    staging = torch.empty(max(m.weight.numel() for m in linears.values()), dtype=torch.float32,
+                          pin_memory=True) if offload and gradients and device.type == "cuda" \
+        else None
     sums = {name: {k: accumulator(*layer.weight.shape) for k in gradients}
             for name, layer in linears.items()}
     act_sq = {name: accumulator(layer.in_features) for name, layer in linears.items()
@@ -134,7 +137,11 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
         acc = sums[name]
 
         def hook(weight):
-            g = weight.grad.float().to(home, non_blocking=pin)
+            g = weight.grad.float()
+            if staging is not None:
+                g = staging[:g.numel()].view_as(g).copy_(g)  # synchronous: complete on return
+            elif g.device != home:
+                g = g.to(home)
             if "grad_mean" in acc:
                 acc["grad_mean"] += g
             if "grad_abs_mean" in acc:
@@ -170,8 +177,6 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
                 if gradients:
                     loss.backward()
                 total_loss += loss.item()
-        if pin:
-            torch.cuda.synchronize(device)
     finally:
         for handle in handles:
             handle.remove()
