@@ -186,12 +186,21 @@ def plan_stages(config, params: Params, bf16: bool = True) -> dict[str, StageNee
         masks_device["rewritten_weights"] = 4 * s.prunable
         masks_device["sparsegpt_working_set"] = 3 * 4 * s.largest_input_sq
         masks_disk["rewritten_weights"] = 4 * s.prunable
+    masks_host = dict(runtime)
     if m.calibration == "sequential" and m.criterion in SEQUENTIAL_CRITERIA:
-        # The calibration hidden states in and out of the current layer, and its Hessians.
-        masks_device["calibration_states"] = 2 * 4 * s.hidden * block * g.calibration_blocks
-        masks_device["layer_statistics"] = 4 * (s.prunable_inputs_sq if m.criterion ==
-                                                "sparsegpt" else s.prunable_inputs) // s.layers
-    plan["masks"] = StageNeed(masks_device, dict(runtime), masks_disk)
+        # The model, its masks and rewritten weights stay in host memory; the device holds one
+        # decoder layer, its statistics and scores, and the calibration hidden states in and
+        # out of it.
+        masks_host.update({k: masks_device.pop(k) for k in
+                           ("weights", "masks", "rewritten_weights") if k in masks_device})
+        masks_device = {
+            "layer_weights": 4 * s.prunable // s.layers,
+            "layer_scores": masks_device.pop("scores") // s.layers,
+            "layer_statistics": 4 * (s.prunable_inputs_sq if m.criterion == "sparsegpt"
+                                     else s.prunable_inputs) // s.layers,
+            "calibration_states": 2 * 4 * s.hidden * block * g.calibration_blocks,
+            **masks_device}
+    plan["masks"] = StageNeed(masks_device, masks_host, masks_disk)
 
     f = params.finetune
     extra = {"moving_average": 4 * s.parameters, "masks": s.prunable}

@@ -46,18 +46,22 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
 def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
     cfg = row_mask_params(params, criterion, pattern)
-    dense = load_model(DENSE, stage.device)
+    # Layer by layer, the model stays in host memory and one decoder layer at a time computes
+    # on the device.
+    sequential = layer_by_layer(cfg)
+    dense = load_model(DENSE, None if sequential else stage.device)
     stats = load_stats(STATS, stage.device, statistics_to_load(cfg))
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
     # Layer by layer, the calibration blocks the gradients stage used pass through the layers.
     blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
                                 params.gradients.calibration_blocks, params.seed) \
-        if layer_by_layer(cfg) else None
+        if sequential else None
     pruned = prune_calibrated(dense, stats, cfg, params.seed,
                               load_stats_info(STATS)["calibration_blocks"], blocks,
-                              bf16=bf16_enabled(params.gradients.bf16, stage.device))
-    model = apply_pruning(dense, pruned)
+                              bf16=bf16_enabled(params.gradients.bf16, stage.device),
+                              device=stage.device)
+    model = apply_pruning(dense, pruned).to(stage.device)
     tokenizer = load_tokenizer(DENSE)
 
     def scores(model) -> dict:

@@ -20,7 +20,10 @@ def run(params: Params, stage: Stage) -> dict:
     cfg = params.masks
     check_stage_fits("masks", DATA / "train" / "model", params, stage.device)
     stats = load_stats(STATS, stage.device, statistics_to_load(cfg))
-    dense = load_model(DATA / "train" / "model", stage.device)
+    # Layer by layer, the model stays in host memory and one decoder layer at a time computes
+    # on the device.
+    sequential = layer_by_layer(cfg)
+    dense = load_model(DATA / "train" / "model", None if sequential else stage.device)
     modules = dict(dense.named_modules())
     missing = [name for name in stats if name not in modules]
     if missing:
@@ -29,10 +32,11 @@ def run(params: Params, stage: Stage) -> dict:
     # Layer by layer, the calibration blocks the gradients stage used pass through the layers.
     blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
                                 params.gradients.calibration_blocks, params.seed) \
-        if layer_by_layer(cfg) else None
+        if sequential else None
     pruned = prune_calibrated(dense, stats, cfg, params.seed,
                               load_stats_info(STATS)["calibration_blocks"], blocks,
-                              bf16=bf16_enabled(params.gradients.bf16, stage.device))
+                              bf16=bf16_enabled(params.gradients.bf16, stage.device),
+                              device=stage.device)
 
     report = pruning_report(pruned, dense)
     report.update(criterion=cfg.criterion, variant=cfg.variant, pattern=cfg.pattern,

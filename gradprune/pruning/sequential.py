@@ -189,12 +189,14 @@ def prune_layer_by_layer(model: nn.Module, blocks: torch.Tensor,
 
 def prune_calibrated(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]],
                      cfg: MaskParams, seed: int, n_blocks: int, blocks: torch.Tensor | None, *,
-                     bf16: bool = False) -> Pruned:
+                     bf16: bool = False, device: torch.device | None = None) -> Pruned:
     """masks.calibration as configured: layer by layer for the activation criteria when asked
-    (`blocks` are then the calibration blocks, and `model` ends pruned), else the one-pass
-    prune from the collected statistics (`model` unchanged)."""
+    (`blocks` are then the calibration blocks, each layer computes on `device` while the model
+    may stay in host memory, and `model` ends pruned), else the one-pass prune from the
+    collected statistics (`model` unchanged)."""
     if layer_by_layer(cfg):
         if blocks is None:
             raise ValueError("masks.calibration: sequential needs the calibration blocks")
-        return prune_layer_by_layer(model, blocks, stats, cfg, seed, n_blocks, bf16=bf16)
+        return prune_layer_by_layer(model, blocks, stats, cfg, seed, n_blocks, bf16=bf16,
+                                    device=device)
     return prune(model, stats, cfg, seed, n_blocks)
