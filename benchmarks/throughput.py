@@ -75,7 +75,7 @@ from gradprune.config import Params, load_params  # noqa: E402
 from gradprune.data import read_blocks  # noqa: E402
 from gradprune.io import write_json  # noqa: E402
 from gradprune.models.llama import bf16_enabled, build_llama, prunable_linears  # noqa: E402
-from gradprune.pruning.stats import collect_gradient_stats  # noqa: E402
+from gradprune.pruning.stats import collect_gradient_stats, requested_statistics  # noqa: E402
 from gradprune.training.loop import batch_order, mean_loss, train_lm  # noqa: E402
 
 EOS_ID = 0  # the BPE tokenizer's only special token comes first; irrelevant to speed
@@ -219,45 +219,62 @@ def bench_train(params: Params, blocks: torch.Tensor, vocab: int, steps: int, re
 
 def bench_gradients(params: Params, blocks: torch.Tensor, vocab: int, count: int, repeats: int,
                     bf16: bool) -> dict:
+    """The bare loop against the lean pass twice: with the statistics a gradient backward
+    yields (what gradients.statistics asks for, less the X^T X Hessians: each costs an
+    in_features^2 matmul per Linear, about a third of a forward/backward, and belongs to
+    SparseGPT, whose calibration is a forward-only pass), and with all it asks for."""
     cfg = params.gradients
     context = blocks.shape[1]
     calibration = calibration_sample(blocks, count, params.seed)
+    requested = requested_statistics(params)
+    variants = {"gradprune": tuple(s for s in requested if s != "hessian") or ("act_norm",),
+                "gradprune_requested": requested}
 
     def run(which: str, sample: torch.Tensor) -> float:
         model = fresh_model(params, vocab, context)
         linears = prunable_linears(model, cfg.include, cfg.exclude)
         if which == "baseline":
             return timed(lambda: bare_gradients(model, linears, sample, bf16))
-        return timed(lambda: collect_gradient_stats(model, linears, sample, bf16))
+        return timed(lambda: collect_gradient_stats(model, linears, sample, bf16,
+                                                    variants[which]))
 
-    run("baseline", calibration[:1])  # warm-up
-    run("gradprune", calibration[:1])
-    base_s, gp_s = [], []
+    for which in ("baseline", *variants):  # warm-up
+        run(which, calibration[:1])
+    seconds = {which: [] for which in ("baseline", *variants)}
     for r in range(repeats):
-        base_s.append(run("baseline", calibration))
-        gp_s.append(run("gradprune", calibration))
-        print(f"  gradients round {r + 1}/{repeats}: baseline {base_s[-1]:.2f} s, gradprune "
-              f"{gp_s[-1]:.2f} s", flush=True)
+        for which in seconds:
+            seconds[which].append(run(which, calibration))
+        print(f"  gradients round {r + 1}/{repeats}: " + ", ".join(
+            f"{w} {s[-1]:.2f} s" for w, s in seconds.items()), flush=True)
 
     tokens = int(calibration.numel())
-    baseline = summary(base_s, tokens)
-    gradprune = summary(gp_s, tokens)
-    return {
+    baseline = summary(seconds["baseline"], tokens)
+    result = {
         "tokens_per_run": tokens,
         "calibration_blocks": len(calibration),
+        "statistics": {which: list(stats) for which, stats in variants.items()},
         "bf16": bf16,
         "includes": {
             "baseline": "per block: forward+backward with gradients only for the prunable "
                         "Linear weights, gradients dropped; no hooks, no accumulators",
-            "gradprune": "collect_gradient_stats: the same, plus input pre-hooks (activation "
-                         "norms) and fp32 sum g, |g|, g^2 accumulators",
+            "gradprune": "collect_gradient_stats, the lean pass, with the requested "
+                         "statistics but the Hessians: input pre-hooks, fp32 accumulators, "
+                         "each gradient folded by a post-accumulate-grad hook",
+            "gradprune_requested": "the same with every statistic gradients.statistics asks "
+                                   "for, Hessians (X^T X per Linear) included",
         },
         "baseline": baseline,
-        "gradprune": gradprune,
-        "ratio": round(gradprune["tokens_per_second"] / baseline["tokens_per_second"], 4),
-        "ratio_best": round(baseline["min_seconds"] / gradprune["min_seconds"], 4),
-        "paired_ratios": [round(b / g, 4) for b, g in zip(base_s, gp_s)],
     }
+    for which in variants:
+        mine = summary(seconds[which], tokens)
+        suffix = "" if which == "gradprune" else "_requested"
+        result[which] = mine
+        result[f"ratio{suffix}"] = round(mine["tokens_per_second"]
+                                         / baseline["tokens_per_second"], 4)
+        result[f"ratio_best{suffix}"] = round(baseline["min_seconds"] / mine["min_seconds"], 4)
+        result[f"paired_ratios{suffix}"] = [round(b / g, 4) for b, g in
+                                            zip(seconds["baseline"], seconds[which])]
+    return result
 
 
 def summary(seconds: list[float], tokens: int) -> dict:
@@ -308,6 +325,9 @@ def print_table(results: dict) -> None:
                  if "ratio_including_validation" in r else "")
         print(f"{stage:<10} {'ratio':<10} {r['ratio']:>9.3f}   (fastest runs "
               f"{r['ratio_best']:.3f}; per round {min(paired):.3f}..{max(paired):.3f}{extra})")
+        if "ratio_requested" in r:
+            print(f"{stage:<10} {'+hessians':<10} {r['ratio_requested']:>9.3f}   (every "
+                  f"requested statistic: {', '.join(r['statistics']['gradprune_requested'])})")
     print()
 
 
@@ -345,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     count = args.calibration_blocks or min(8, params.gradients.calibration_blocks)
     needed = max(args.steps * params.train.batch_size, count)
     blocks, data_label, vocab = load_or_fake_blocks(Path(args.blocks), params, needed)
-    train_bf16 = bf16_enabled(params.train.bf16)
-    grad_bf16 = bf16_enabled(params.gradients.bf16)
+    # A CPU benchmark: bare loops and stages alike compute on the CPU.
+    cpu = torch.device("cpu")
+    train_bf16 = bf16_enabled(params.train.bf16, cpu)
+    grad_bf16 = bf16_enabled(params.gradients.bf16, cpu)
     print(f"throughput: data {data_label}, {len(blocks)} blocks x {blocks.shape[1]} tokens, "
           f"vocab {vocab}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)

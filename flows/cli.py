@@ -9,6 +9,8 @@
     gradprune sweep  --grid KEY=V1,V2 [--grid ...] [--jobs N]     a grid of DVC experiments
     gradprune table  [--reports reports]                          the comparison, < 120 columns
     gradprune export [--out exports] [--gguf-dtype f16|f32]       final model: HF, sparse, GGUF
+    gradprune plan   --config config.json [--device-memory GIB]   memory and disk per stage,
+                                                                predicted on the meta device
 Every command takes --preset presets/<name>.yaml (dotted overrides); --set wins over it.
 """
 
@@ -107,6 +109,33 @@ def deploy(name: str, cron: str | None, parameters: dict, pool: str) -> None:
           f"start a worker: prefect worker start --pool {pool}")
 
 
+def print_plan(args: argparse.Namespace) -> int:
+    """The plan as a table (or JSON); exit status 1 when a stage does not fit."""
+    from gradprune.config import apply_overrides, params_from_dict, read_params_file
+    from gradprune.plan import plan_stages, plan_table, read_llama_config
+
+    overrides = {**(preset_overrides(args.preset) if args.preset else {}),
+                 **parse_overrides(args.overrides)}
+    params = params_from_dict(apply_overrides(read_params_file(args.params), overrides))
+    rows = plan_table(plan_stages(read_llama_config(args.config), params), args.cpu)
+    limit = args.device_memory * 2**30
+    for row in rows:
+        row["fits"] = args.cpu or row["device"] <= limit
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        gib = 2**30
+        print(f"plan for {args.config} ({'CPU' if args.cpu else f'{args.device_memory:g} GiB GPU'})")
+        print(f"{'stage':<10} {'device GiB':>11} {'host GiB':>9} {'disk GiB':>9}  fits  "
+              "largest device parts")
+        for row in rows:
+            parts = sorted(row["device_parts"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"{row['stage']:<10} {row['device'] / gib:>11.1f} {row['host'] / gib:>9.1f} "
+                  f"{row['disk'] / gib:>9.1f}  {'yes' if row['fits'] else 'NO ':<4}  "
+                  + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts))
+    return 0 if all(row["fits"] for row in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gradprune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +171,21 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--name", default=None,
                        help="sweep name, prefix of its experiments' names (default: the time)")
     sweep.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    plan_cmd = sub.add_parser("plan", help="predicted peak device and host memory and disk bytes "
+                              "of every stage for a LLaMA config.json (no weights needed)")
+    plan_cmd.add_argument("--config", required=True,
+                          help="a LLaMA config.json or model folder, e.g. "
+                               "presets/llama2-7b-config.json")
+    plan_cmd.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
+                          help="the GPU's memory to check each stage against (default %(default)s)")
+    plan_cmd.add_argument("--cpu", action="store_true",
+                          help="plan for a CPU run (device memory is host memory)")
+    plan_cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_cmd.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    for command in (plan_cmd,):
+        command.add_argument("--set", dest="overrides", action="append", default=[],
+                             metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
+        command.add_argument("--preset", help="a YAML file of dotted overrides (presets/*.yaml)")
     table = sub.add_parser("table", help="print the models' comparison in under 120 columns")
     table.add_argument("--reports", default="reports", help="the stages' records (default: "
                        "%(default)s)")
@@ -154,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "plan":
+            sys.exit(print_plan(args))
         if args.command == "table":
             from flows.table import render_table
 

@@ -247,3 +247,12 @@ def span_corruption_examples(blocks: torch.Tensor, noise: int, spans: int,
             for block in blocks]
     width = 2 * spans + blocks.shape[1] + 2
     return torch.tensor(rows, dtype=torch.int32).view(len(rows), width)
+
+
+def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of training blocks: calibration never sees validation or test text."""
+    if count > len(train_blocks):
+        raise ValueError(f"gradients.calibration_blocks={count} exceeds the {len(train_blocks)} "
+                         "training blocks; lower it or use a larger corpus")
+    pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
+    return train_blocks[pick[:count].sort().values]

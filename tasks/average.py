@@ -29,7 +29,7 @@ def run(params: Params, stage: Stage) -> dict:
     record = read_json(FINETUNED / "checkpoints.json")
     val_blocks = read_blocks(DATA / "prepare" / "val.parquet")
     # The pruned model's shape (smaller when structured) and the masks every merge keeps.
-    model, masks = load_pruned_model(DENSE, DATA / "masks")
+    model, masks = load_pruned_model(DENSE, DATA / "masks", stage.device)
     merged = average_into(model, masks, cfg, record, lambda c: FINETUNED / c["file"], val_blocks)
     used, merged_val_loss = merged["used"], merged["merged_val_loss"]
     weights = [c["weight"] for c in used]

@@ -18,12 +18,13 @@ import tempfile
 from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
-from gradprune.data import load_tokenizer, read_blocks
+from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.export.card import save_hf_folder
 from gradprune.io import atomic_dir
-from gradprune.models.llama import load_model
-from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
+from gradprune.models.llama import bf16_enabled, load_model
+from gradprune.pruning.prune import apply_pruning, prunable_sparsity, with_overrides
+from gradprune.pruning.sequential import layer_by_layer, prune_calibrated, statistics_to_load
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.measure import QUESTIONS, test_perplexity, write_questions, zero_shot
 from tasks.recovery import average_into, finetune_runs, finetune_summary
@@ -52,13 +53,23 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
 def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
     cfg = row_mask_params(params, criterion, pattern)
-    dense = load_model(DENSE)
-    stats = load_stats(STATS)
+    # Layer by layer, the model stays in host memory and one decoder layer at a time computes
+    # on the device.
+    sequential = layer_by_layer(cfg)
+    dense = load_model(DENSE, None if sequential else stage.device)
+    stats = load_stats(STATS, stage.device, statistics_to_load(cfg))
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
     log.info("pruning by %s %s", criterion, pattern)
-    pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
-    model = apply_pruning(dense, pruned)
+    # Layer by layer, the calibration blocks the gradients stage used pass through the layers.
+    blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
+                                params.gradients.calibration_blocks, params.seed) \
+        if sequential else None
+    pruned = prune_calibrated(dense, stats, cfg, params.seed,
+                              load_stats_info(STATS)["calibration_blocks"], blocks,
+                              bf16=bf16_enabled(params.gradients.bf16, stage.device),
+                              device=stage.device)
+    model = apply_pruning(dense, pruned).to(stage.device)
     tokenizer = load_tokenizer(DENSE)
 
     questions: dict[str, list[dict]] = {}

@@ -68,22 +68,24 @@ DENSE = DATA / "train" / "model"
 MASKS = DATA / "masks"
 
 
-def pipeline_models() -> dict:
-    """Factories for the models the pipeline made, in the order the report lists them."""
+def pipeline_models(device: torch.device) -> dict:
+    """Factories for the models the pipeline made, on `device`, in the order the report lists
+    them."""
     from safetensors.torch import load_model as load_weights_into
 
     last = read_json(DATA / "finetune" / "checkpoints.json")["checkpoints"][-1]
 
     def last_checkpoint():
-        model, _ = load_pruned_model(DENSE, MASKS)
-        load_weights_into(model, str(DATA / "finetune" / last["file"]), strict=False)
+        model, _ = load_pruned_model(DENSE, MASKS, device)
+        load_weights_into(model, str(DATA / "finetune" / last["file"]), strict=False,
+                          device=str(device))
         return model
 
     return {
-        "dense": lambda: load_model(DENSE),
-        "pruned": lambda: load_pruned_model(DENSE, MASKS)[0],
+        "dense": lambda: load_model(DENSE, device),
+        "pruned": lambda: load_pruned_model(DENSE, MASKS, device)[0],
         "finetuned_last": last_checkpoint,
-        "averaged": lambda: load_model(DATA / "average" / "model"),
+        "averaged": lambda: load_model(DATA / "average" / "model", device),
     }
 
 
@@ -144,7 +146,7 @@ def mark_against_dense(rows: dict, compared: list[dict], questions: dict[str, li
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.evaluate
-    bf16 = bf16_enabled(cfg.bf16)
+    bf16 = bf16_enabled(cfg.bf16, stage.device)
     tokenizer = load_tokenizer(DENSE)
     seq2seq = params.model.arch == "seq2seq"
     context, stride = perplexity_window(params)
@@ -166,7 +168,7 @@ def run(params: Params, stage: Stage) -> dict:
                              "positions; use at most that (the papers use 2048 or 4096)")
         wikitext = torch.tensor(tokenizer(read_test_text(cfg.wikitext))["input_ids"])
 
-    factories = pipeline_models()
+    factories = pipeline_models(stage.device)
     rows: dict[str, dict] = {}
     questions: dict[str, list[dict]] = {}
     for index, (name, make) in enumerate(factories.items()):
@@ -206,7 +208,7 @@ def run(params: Params, stage: Stage) -> dict:
         s = cfg.speed
         speed = measure_speed(factories, len(tokenizer), s.prompt_len, s.new_tokens,
                               tuple(s.batch_sizes), s.repeats, bf16)
-        pruned, masks = load_pruned_model(DENSE, MASKS)
+        pruned, masks = load_pruned_model(DENSE, MASKS, stage.device)
         if masks:  # structured pruning leaves no masked matrix to time
             name = next(iter(masks))
             weight = dict(pruned.named_modules())[name].weight

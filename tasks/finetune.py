@@ -25,6 +25,8 @@ from pathlib import Path
 
 from gradprune.config import Params
 from gradprune.io import atomic_dir, read_json, sha256_file, write_json
+from gradprune.models.llama import bf16_enabled
+from gradprune.plan import check_stage_fits
 from gradprune.pruning.prune import load_pruned_model
 from gradprune.training.parallel import barrier, is_main_process, rank_and_size
 from tasks.recovery import finetune_runs, finetune_summary
@@ -70,10 +72,13 @@ def run(params: Params, stage: Stage) -> dict:
         raise ValueError(f"finetune.batch_size={cfg.batch_size} is below the {processes} "
                          "processes, each of which needs a block of every batch; raise it or "
                          "run fewer processes")
-    _, masks = load_pruned_model(DENSE, MASKS)
+    check_stage_fits("finetune", DENSE, params, stage.device,
+                     bf16_enabled(cfg.bf16, stage.device))
+    _, masks = load_pruned_model(DENSE, MASKS, stage.device)
     resume = resume_folder(inputs_fingerprint(params)) if is_main_process() else RESUME
     barrier()  # the other processes read the state the main one kept or cleared
-    record = finetune_runs(params, resume, lambda: load_pruned_model(DENSE, MASKS)[0], masks)
+    record = finetune_runs(params, resume, lambda: load_pruned_model(DENSE, MASKS, stage.device)[0],
+                           masks)
     if not is_main_process():
         return {}
     curves = record.pop("curves")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from gradprune.config import Params
 from gradprune.data import read_blocks
+from gradprune.device import model_device
 from gradprune.evaluation.perplexity import sliding_window_perplexity
 from gradprune.evaluation.statistics import average_interval, compare_models, perplexity_interval
 from gradprune.evaluation.zeroshot import evaluate_task
@@ -53,7 +54,7 @@ def test_perplexity(model, params: Params) -> dict:
     stream for a decoder LM; for the seq2seq model, target-token perplexity of the test
     examples (teacher forcing, pad tokens not scored)."""
     cfg = params.evaluate
-    bf16 = bf16_enabled(cfg.bf16)
+    bf16 = bf16_enabled(cfg.bf16, model_device(model))
     if isinstance(model, Seq2SeqTransformer):
         rows = test_examples(params, model.config.target_length)
         loss = mean_loss(model, rows, cfg.batch_size, bf16)
@@ -82,7 +83,8 @@ def zero_shot(model, tokenizer, params: Params) -> tuple[dict, list[dict]]:
     tasks, questions = {}, []
     for task in cfg.tasks:
         scored = evaluate_task(model, tokenizer, task, cfg.task_limits.get(task, cfg.limit),
-                               cfg.batch_size, bf16_enabled(cfg.bf16), cfg.sample_seed)
+                               cfg.batch_size, bf16_enabled(cfg.bf16, model_device(model)),
+                               cfg.sample_seed)
         questions += [{"task": task, **q} for q in scored.pop("questions")]
         tasks[task] = scored
     if not tasks:

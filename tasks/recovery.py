@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gradprune.config import AverageParams, Params
 from gradprune.data import read_blocks
+from gradprune.device import model_device
 from gradprune.io import atomic_file, read_json, remove_stale_temporaries, write_json
 from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.masks import apply_masks
@@ -92,13 +93,17 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
 def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
     """Every fine-tuning run from the model `start()` returns, each in folder/run-<i>, all
     checkpoint files left there; returns the record checkpoints.json holds (file names
-    relative to each run's folder), with the runs' curves under "curves"."""
+    relative to each run's folder), with the runs' curves under "curves". Everything computes
+    on the device `start()` places the model on."""
     cfg = params.finetune
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
-    bf16 = bf16_enabled(cfg.bf16)
-    teacher = load_model(DENSE) if cfg.distill_weight > 0 else None
-    pruned_val_loss = mean_loss(start(), val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
+    pruned = start()
+    device = model_device(pruned)
+    bf16 = bf16_enabled(cfg.bf16, device)
+    teacher = load_model(DENSE, device) if cfg.distill_weight > 0 else None
+    pruned_val_loss = mean_loss(pruned, val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
+    del pruned
     runs = [finetune_run(r, params, folder / f"run-{r}", start, masks, train_blocks, val_blocks,
                          teacher, bf16) for r in range(cfg.runs)]
     if not is_main_process():  # only the main process keeps records and files

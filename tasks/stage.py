@@ -21,6 +21,7 @@ from typing import Callable
 
 from gradprune.config import ParamError, Params, load_params
 from gradprune.data import CorpusError
+from gradprune.device import device_name, peak_memory_bytes, reset_peak_memory, resolve_device
 from gradprune.io import remove_stale_temporaries, write_json
 from gradprune.progress import elapsed, progress_interval
 from gradprune.training.parallel import (
@@ -44,9 +45,11 @@ class Stage:
     """A running stage's name, params and command-line arguments, and its handle on tracking
     (plots, artifacts, models); the handle is None in a data-parallel helper process."""
 
-    def __init__(self, name: str, params: Params):
+    def __init__(self, name: str, params: Params, device=None):
         self.name = name
         self.params = params
+        # Where the stage computes: the `device` param, resolved (and checked) at the start.
+        self.device = resolve_device(params.device) if device is None else device
         self.args: argparse.Namespace | None = None
         self.tracked = None  # tasks.tracking.StageRun
 
@@ -163,6 +166,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
                                       for f in arguments)
     try:
         params = load_params(args.params)
+        device = resolve_device(params.device)
     except (ParamError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -177,7 +181,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         logging.getLogger("gradprune").addHandler(handler)
         # The other ranks' progress repeats the main one's.
         logging.getLogger("gradprune").setLevel(logging.INFO if main else logging.WARNING)
-        stage = Stage(name, params)
+        stage = Stage(name, params, device)
         stage.args = args
         heartbeat = Heartbeat()
         if main and not sys.stderr.isatty():
@@ -235,15 +239,20 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
                    REPORTS / name.split("@")[0], PLOTS):
         remove_stale_temporaries(folder)
     started = time.perf_counter()
+    reset_peak_memory(stage.device)
     try:
         with stage_run(name, params) as tracked:
             stage.tracked = tracked
+            tracked.log_params({"device_name": device_name(stage.device)})
             metrics = run(params, stage)
             if processes is not None:
                 metrics["processes"] = processes
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             metrics["peak_rss_mb"] = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            metrics["cuda"] = int(stage.device.type == "cuda")
+            if (peak := peak_memory_bytes(stage.device)) is not None:
+                metrics["peak_device_mb"] = round(peak / 2**20, 1)
             relative = f"{name.replace('@', '/')}.json"
             write_json(REPORTS / relative, metrics)
             path = METRICS / relative

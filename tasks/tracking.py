@@ -163,6 +163,10 @@ class StageRun:
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         self._mlflow.log_artifacts(str(folder), artifact_path)
 
+    def log_params(self, values: dict) -> None:
+        """Params beyond params.yaml's that the stage learns as it starts (the device's name)."""
+        self._mlflow.log_params(values)
+
     def log_metrics(self, metrics: dict, path: Path) -> None:
         """The numbers of a stage's metrics file, and the file itself."""
         self._mlflow.log_metrics({k: float(v) for k, v in _flatten(metrics).items()})

@@ -23,6 +23,7 @@ PREPARED = DATA / "prepare"
 
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.train
+    device = stage.device
     tokenizer = load_tokenizer(PREPARED / "tokenizer")
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
@@ -31,15 +32,15 @@ def run(params: Params, stage: Stage) -> dict:
     scored_from = 0
     if params.model.arch == "seq2seq":
         task = read_json(PREPARED / TASK_FILE)
-        model = build_seq2seq(params.model, len(tokenizer), task, params.seed)
+        model = build_seq2seq(params.model, len(tokenizer), task, params.seed).to(device)
         scored_from = task["source_length"] - 1
     elif params.model.source == "scratch":
         model = build_llama(params.model, len(tokenizer), train_blocks.shape[1],
-                            tokenizer.eos_token_id, params.seed)
+                            tokenizer.eos_token_id, params.seed).to(device)
     else:
-        model, _ = load_source_model(params.model.source)
+        model, _ = load_source_model(params.model.source, device)
         check_vocab(model, tokenizer, params.model.source)
-    bf16 = bf16_enabled(cfg.bf16)
+    bf16 = bf16_enabled(cfg.bf16, device)
 
     started = time.perf_counter()
     curve = train_lm(model, train_blocks, val_blocks, cfg, params.seed, bf16) if cfg.steps else []

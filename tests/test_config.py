@@ -128,7 +128,7 @@ def test_unknown_key_lists_allowed_keys():
            "scope, pattern" in str(err)
     top = _error({"maskz": {}})
     assert top.key == "maskz"
-    assert "allowed keys here: seed, data, model, train" in str(top)
+    assert "allowed keys here: seed, device, data, model, train" in str(top)
 
 
 def test_param_error_is_value_error():

@@ -47,8 +47,9 @@ def test_gradient_statistics_equal_the_single_process_ones(repos):
     two = load_stats(double / "data/gradients/stats.safetensors")
     assert one.keys() == two.keys()
     for name in one:
-        assert one[name].keys() == two[name].keys() == {
-            "grad_mean", "grad_abs_mean", "grad_sq_mean", "act_norm", "hessian"}
+        # gradients.statistics auto: the micro params' gradient criterion reads E[g], their
+        # one compare row (sparsegpt) the Hessians.
+        assert one[name].keys() == two[name].keys() == {"grad_mean", "hessian"}
         for stat in one[name]:
             torch.testing.assert_close(two[name][stat], one[name][stat], rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"{name}.{stat}: {m}")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradprune.config import FinetuneParams, ModelParams, params_from_dict
+from gradprune.device import resolve_device
 from gradprune.io import read_json
 from gradprune.models.llama import build_llama, prunable_linears
 from gradprune.pruning.masks import save_masks
@@ -205,6 +206,7 @@ class FakeStage:
 
     def __init__(self, params):
         self.params = params
+        self.device = resolve_device(params.device)
         self.plots = {}
 
     def write_plot(self, name, rows):
@@ -213,13 +215,21 @@ class FakeStage:
     def log_artifact(self, path, artifact_path=None):
         pass
 
-    def register_model(self, folder, artifact_path="model"):
+    def log_curve(self, rows, prefix="", series=None):
+        pass
+
+    def register_model(self, folder, artifact_path="model", **metadata):
         return 1
+
+    def source_tags(self):
+        return {}
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     from gradprune.data import train_bpe_tokenizer, write_blocks
+    from gradprune.io import write_json
+    from gradprune.pruning.masks import sparsity_report
 
     monkeypatch.chdir(tmp_path)
     docs = [f"document {i} says the quick brown fox jumps over {i % 7} lazy dogs" * 3
@@ -230,7 +240,10 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "data" / "masks").mkdir(parents=True)
     model.save_pretrained(tmp_path / "data" / "train" / "model")
     tokenizer.save_pretrained(tmp_path / "data" / "train" / "model")
-    save_masks(tmp_path / "data" / "masks" / "masks.safetensors", _random_masks(model, 1))
+    masks = _random_masks(model, 1)
+    save_masks(tmp_path / "data" / "masks" / "masks.safetensors", masks)
+    # the masks stage's report, which the average stage's model card reads
+    write_json(tmp_path / "data" / "masks" / "masks.json", sparsity_report(masks))
     write_blocks(tmp_path / "data" / "prepare" / "train.parquet", _blocks(24, 2, len(tokenizer)))
     write_blocks(tmp_path / "data" / "prepare" / "val.parquet", _blocks(6, 3, len(tokenizer)))
     return tmp_path

@@ -15,7 +15,7 @@ from gradprune.pruning.prune import (
     save_pruned,
     with_overrides,
 )
-from gradprune.pruning.stats import collect_gradient_stats
+from gradprune.pruning.stats import STATISTICS, collect_gradient_stats
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def model_and_stats():
                         context=16, eos_token_id=0, seed=3)
     blocks = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
     linears = prunable_linears(model, ("model.layers.*",))
-    stats, _ = collect_gradient_stats(model, linears, blocks, bf16=False, hessian=True)
+    stats, _ = collect_gradient_stats(model, linears, blocks, bf16=False, statistics=STATISTICS)
     shapes = {name: layer.weight.shape for name, layer in linears.items()}
     return model, stats, shapes
 

@@ -24,7 +24,7 @@ from gradprune.models.seq2seq import (
 from gradprune.pruning.criteria import CRITERIA
 from gradprune.pruning.masks import apply_masks
 from gradprune.pruning.prune import apply_pruning, prune
-from gradprune.pruning.stats import collect_gradient_stats
+from gradprune.pruning.stats import STATISTICS, collect_gradient_stats
 
 PAD, EOS = 1, 0
 INCLUDE = ("encoder.layers.*", "decoder.layers.*")
@@ -166,7 +166,8 @@ def test_statistics_are_the_gradient_and_the_inputs_each_matrix_sees():
 def calibrated():
     model = tiny(hidden=16)
     linears = prunable_linears(model, INCLUDE)
-    stats, _ = collect_gradient_stats(model, linears, rows(4, seed=1), bf16=False, hessian=True)
+    stats, _ = collect_gradient_stats(model, linears, rows(4, seed=1), bf16=False,
+                                      statistics=STATISTICS)
     return model, stats
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gradprune.config import ModelParams, TrainParams
 from gradprune.models.llama import build_llama, prunable_linears
-from gradprune.pruning.stats import collect_gradient_stats
+from gradprune.pruning.stats import STATISTICS, collect_gradient_stats
 from gradprune.training.loop import batch_order, lr_at, mean_loss, train_lm
 
 VOCAB, CONTEXT = 64, 16
@@ -209,7 +209,7 @@ def test_collect_gradient_stats_hessian_is_xtx_over_tokens():
     model = _model(seed=5)
     blocks = _blocks(3, 1)
     linears = prunable_linears(model, ("model.layers.0.*",))
-    stats, _ = collect_gradient_stats(model, linears, blocks, bf16=False, hessian=True)
+    stats, _ = collect_gradient_stats(model, linears, blocks, bf16=False, statistics=STATISTICS)
 
     inputs = {name: [] for name in linears}
 

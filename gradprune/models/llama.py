@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradprune.config import ModelParams
+from gradprune.device import bf16_autocast, bf16_supported, model_device
 from gradprune.models.seq2seq import (
     Seq2SeqConfig,
     Seq2SeqTransformer,
@@ -45,9 +46,14 @@ def build_seq2seq(cfg: ModelParams, vocab_size: int, task: dict, seed: int) -> S
     return Seq2SeqTransformer(config)
 
 
-def load_model(path: str | Path):
-    """A model folder (config.json + safetensors) in float32: the seq2seq model, or a Hugging
-    Face causal LM; only safetensors weights are ever read."""
+def load_model(path: str | Path, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32):
+    """A model folder (config.json + safetensors): the seq2seq model, or a Hugging Face causal
+    LM; only safetensors weights are ever read.
+
+    The weights are read in `dtype` straight onto `device` (None: the CPU), so a bf16 model for
+    a GPU is never materialised in float32 in host memory first.
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -55,9 +61,11 @@ def load_model(path: str | Path):
         raise FileNotFoundError(f"{path}: no Hugging Face model here (config.json missing); "
                                 "run the stage that makes it")
     if is_seq2seq_folder(path):
-        return load_seq2seq(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                trust_remote_code=False)
+        model = load_seq2seq(path)
+        return model.to(device=device, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=False,
+                                                device_map=None if device is None else device)
 
 
 def check_vocab(model, tokenizer, source: str) -> None:
@@ -72,8 +80,11 @@ def check_vocab(model, tokenizer, source: str) -> None:
 def summed_loss(model: nn.Module, batch: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:
     """Summed fp32 cross-entropy over the tokens a batch of blocks is scored on, and their
     count: every position after the first of an LM block, every non-pad target token of a
-    seq2seq example. bf16 autocast covers the forward pass only."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    seq2seq example. bf16 autocast covers the forward pass only; `batch` moves to the model's
+    device."""
+    device = model_device(model)
+    batch = batch.to(device)
+    with bf16_autocast(device, bf16):
         logits = model(input_ids=batch).logits
     if isinstance(model, Seq2SeqTransformer):
         return model.summed_target_loss(logits, model.split(batch)[1])
@@ -102,8 +113,9 @@ def prunable_linears(model: nn.Module, include: tuple[str, ...],
     return dict(sorted(chosen.items()))
 
 
-def bf16_enabled(setting: str) -> bool:
-    """"auto" turns bf16 autocast on where the CPU has native bf16 (AVX-512 or AMX)."""
+def bf16_enabled(setting: str, device: torch.device) -> bool:
+    """"auto" turns bf16 autocast on where `device` has native bf16 (a CPU with AVX-512 or AMX,
+    a GPU from Ampere on)."""
     if setting == "auto":
-        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+        return bf16_supported(device)
     return setting == "on"

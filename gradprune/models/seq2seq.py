@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradprune.device import bf16_autocast, model_device
+
 MODEL_TYPE = "gradprune_seq2seq"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -259,10 +261,11 @@ def greedy_decode(model: Seq2SeqTransformer, source: torch.Tensor, bf16: bool) -
     """target_length tokens per source, each the argmax given the source and the tokens before
     it (the decoder reruns over the whole prefix at each step: no cache, plain and exact)."""
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        memory, padding = model.encode(source)
+    device = model_device(model)
+    with bf16_autocast(device, bf16):
+        memory, padding = model.encode(source.to(device))
         out = torch.full((len(source), 1), model.config.decoder_start_token_id,
-                         dtype=torch.long)
+                         dtype=torch.long, device=device)
         for _ in range(model.config.target_length):
             logits = model.decode(out, memory, padding)[:, -1]
             out = torch.cat([out, logits.float().argmax(-1, keepdim=True)], dim=1)
@@ -278,6 +281,7 @@ def exact_match(model: Seq2SeqTransformer, rows: torch.Tensor, batch_size: int,
     for start in range(0, len(rows), batch_size):
         source, target = model.split(rows[start:start + batch_size])
         decoded = greedy_decode(model, source, bf16)
+        target = target.to(decoded.device)
         real = target != pad
         matched += int(((decoded == target) | ~real).all(dim=1).sum())
     return matched / len(rows)

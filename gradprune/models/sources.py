@@ -37,26 +37,26 @@ def packaged_model_folder(spec: PackagedFile) -> Path:
     return target
 
 
-def load_gguf_model(path: str | Path):
-    """A GGUF file's model, dequantized to float32."""
+def load_gguf_model(path: str | Path, device: torch.device | str | None = None):
+    """A GGUF file's model, dequantized to float32, on `device` (None: the CPU)."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
     path = Path(path)
     # Without dequantize the model stays marked as quantized and save_pretrained refuses it.
     return AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True))
+        quantization_config=GgufConfig(dequantize=True)).to(device)
 
 
-def load_source_model(source: str):
+def load_source_model(source: str, device: torch.device | str | None = None):
     """(model, tokenizer) of a pretrained model.source: "smollm2", a Hugging Face checkpoint
-    folder or a .gguf file; float32 weights."""
+    folder or a .gguf file; float32 weights on `device` (None: the CPU)."""
     if source == "smollm2":
-        model = load_model(packaged_model_folder(SMOLLM2))
+        model = load_model(packaged_model_folder(SMOLLM2), device)
     elif Path(source).suffix == ".gguf":
-        model = load_gguf_model(source)
+        model = load_gguf_model(source, device)
     else:
-        model = load_model(source)
+        model = load_model(source, device)
     if model.config.model_type != "llama":
         raise ValueError(f"model.source: {source} is a {model.config.model_type!r} model; only "
                          "LLaMA-architecture models are supported")

@@ -89,7 +89,31 @@ def random_uniform(weight: torch.Tensor, seed: int, name: str) -> torch.Tensor:
     low 32 bits of its seed.
     """
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
-    return torch.rand(weight.shape, generator=generator)
+    # Drawn by the host generator on every device, so a seed gives the same mask on a GPU.
+    return torch.rand(weight.shape, generator=generator).to(weight.device)
+
+
+# The statistics (gradprune.pruning.stats) each criterion reads, per variant.
+STATISTICS_READ = {
+    ("gradient", "mean"): ("grad_mean",), ("gradient", "abs_mean"): ("grad_abs_mean",),
+    ("gradient", "rms"): ("grad_sq_mean",),
+    ("taylor", "mean"): ("grad_mean",), ("taylor", "abs_mean"): ("grad_abs_mean",),
+    ("fisher", "mean"): ("grad_sq_mean",), ("magnitude", "mean"): (),
+    ("wanda", "mean"): ("act_norm",), ("gblm", "mean"): ("grad_sq_mean", "act_norm"),
+    ("random", "mean"): (), ("sparsegpt", "mean"): ("hessian",),
+}
+
+
+def statistics_for(criteria: list[tuple[str, str]]) -> set[str]:
+    """The statistics that pruning by these (criterion, variant) pairs reads: all the gradient
+    pass needs to collect for them."""
+    needed = set()
+    for criterion, variant in criteria:
+        if (criterion, variant) not in STATISTICS_READ:
+            raise ValueError(f"masks.criterion/variant: no criterion {criterion!r} with variant "
+                             f"{variant!r}; allowed criteria: {', '.join(CRITERIA)}")
+        needed.update(STATISTICS_READ[criterion, variant])
+    return needed
 
 
 def scores_for(criterion: str, weights: dict[str, torch.Tensor],

@@ -51,13 +51,14 @@ def kth_smallest(scores: list[torch.Tensor], k: int) -> tuple[float, int]:
     total = sum(t.numel() for t in scores)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside [1, {total}]")
-    high = torch.zeros(HALF, dtype=torch.int64)
+    device = scores[0].device
+    high = torch.zeros(HALF, dtype=torch.int64, device=device)
     for bits in _chunks(scores):
         high += torch.bincount(bits >> 16, minlength=HALF)
     cum = high.cumsum(0)
     bucket = int(torch.searchsorted(cum, k))
     below = int(cum[bucket - 1]) if bucket > 0 else 0
-    low = torch.zeros(HALF, dtype=torch.int64)
+    low = torch.zeros(HALF, dtype=torch.int64, device=device)
     for bits in _chunks(scores):
         inside = bits[(bits >> 16) == bucket]
         low += torch.bincount(inside & 0xFFFF, minlength=HALF)
@@ -133,7 +134,7 @@ def keep_top_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     shape = (score.shape[0], math.prod(score.shape[1:])) if score.dim() > 1 else (1, score.numel())
     rows = score.reshape(shape)
     n_prune = round(sparsity * rows.shape[1])
-    keep = torch.ones(rows.shape, dtype=torch.bool)
+    keep = torch.ones(rows.shape, dtype=torch.bool, device=score.device)
     step = max(1, CHUNK // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
         lowest = torch.sort(rows[start:start + step], dim=1, stable=True).indices[:, :n_prune]
@@ -154,7 +155,7 @@ def masks_for_n_m(scores: dict[str, torch.Tensor], n: int, m: int) -> dict[str, 
                              f"multiple of m={m}; exclude it or choose another N:M pattern")
         groups = score.reshape(-1, m)
         lowest = torch.sort(groups, dim=1, stable=True).indices[:, :m - n]
-        keep = torch.ones(groups.shape, dtype=torch.bool)
+        keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
         masks[name] = keep.scatter_(1, lowest, False).view(score.shape)
     return masks
 
@@ -196,7 +197,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             if weight.shape != mask.shape:
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has "
                                  f"{tuple(weight.shape)}; the masks belong to another model")
-            weight.mul_(mask.to(weight.dtype))
+            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -204,12 +205,12 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
     return (flat * weights).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8, device=packed.device)
     bits = (packed.view(-1, 1) >> shifts) & 1
     numel = 1
     for d in shape:
@@ -223,7 +224,7 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
     shapes = {name: list(mask.shape) for name, mask in sorted(masks.items())}
     # One metadata key only: safetensors writes several keys in a random order, which would
     # break bit-identical reruns.
-    save_file({name: pack_mask(mask) for name, mask in masks.items()}, str(path),
+    save_file({name: pack_mask(mask).cpu() for name, mask in masks.items()}, str(path),
               metadata={"gradprune.mask_shapes": json.dumps(shapes)})
 
 

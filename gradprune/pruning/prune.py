@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
+from gradprune.device import model_device
 from gradprune.models.llama import load_model
-from gradprune.pruning.criteria import scores_for
+from gradprune.pruning.criteria import scores_for, statistics_for
 from gradprune.pruning.masks import (
     apply_masks,
     load_masks,
@@ -51,6 +52,13 @@ class Pruned:
 def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: MaskParams,
           seed: int, n_blocks: int) -> Pruned:
     """Prune the Linears named in `stats` as `cfg` says; `model` itself is left unchanged."""
+    missing = sorted(statistics_for([(cfg.criterion, cfg.variant)])
+                     - set(next(iter(stats.values()), {})))
+    if missing:
+        raise ValueError(f"the gradient statistics hold no {missing[0]}, which masks.criterion "
+                         f"{cfg.criterion} (variant {cfg.variant}) reads; rerun the gradients "
+                         "stage with gradients.statistics: auto (what masks.criterion and "
+                         "compare.criteria read) or all")
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight.detach() for name in sorted(stats)}
     pattern = parse_pattern(cfg.pattern)
@@ -92,7 +100,8 @@ def _or(value: float | None, default: float | None) -> float:
 
 
 def _all_kept(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: torch.ones(w.shape, dtype=torch.bool) for name, w in weights.items()}
+    return {name: torch.ones(w.shape, dtype=torch.bool, device=w.device)
+            for name, w in weights.items()}
 
 
 def apply_pruning(model: nn.Module, pruned: Pruned) -> nn.Module:
@@ -118,9 +127,10 @@ def save_pruned(folder: Path, pruned: Pruned) -> None:
         pruned.smaller.save_pretrained(folder / SMALLER_MODEL)
 
 
-def load_pruned_model(dense_dir: Path, masks_dir: Path
+def load_pruned_model(dense_dir: Path, masks_dir: Path, device: torch.device | None = None
                       ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The model fine-tuning starts from, and the masks it must keep enforcing.
+    """The model fine-tuning starts from, on `device` (None: the CPU), and the masks it must
+    keep enforcing (in host memory; they move to the weights' device where applied).
 
     Structured pruning leaves a smaller dense model and nothing to enforce; otherwise the dense
     model gets SparseGPT's rewritten weights (if any) and its masks.
@@ -128,11 +138,11 @@ def load_pruned_model(dense_dir: Path, masks_dir: Path
     from safetensors.torch import load_file
 
     if (masks_dir / SMALLER_MODEL).is_dir():
-        return load_model(masks_dir / SMALLER_MODEL), {}
-    model = load_model(dense_dir)
+        return load_model(masks_dir / SMALLER_MODEL, device), {}
+    model = load_model(dense_dir, device)
     masks = load_masks(masks_dir / MASKS_FILE)
-    new_weights = load_file(str(masks_dir / WEIGHTS_FILE)) if (masks_dir / WEIGHTS_FILE).is_file() \
-        else {}
+    new_weights = load_file(str(masks_dir / WEIGHTS_FILE), device=str(model_device(model))) \
+        if (masks_dir / WEIGHTS_FILE).is_file() else {}
     return apply_pruning(model, Pruned(masks, new_weights)), masks
 
 

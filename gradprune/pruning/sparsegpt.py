@@ -51,7 +51,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     if not damp > 0 or block_size < 1:
         raise ValueError(f"damp must be > 0 and block_size >= 1, got {damp}, {block_size}")
 
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(device=weight.device, dtype=torch.float32, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     h.diagonal().add_(damp * h.diagonal().mean())
@@ -65,7 +65,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     # contiguous memory, which on CPU is several times faster than strided column updates.
     w_t = weight.detach().float().T.contiguous()
     w_t[dead] = 0
-    keep = torch.ones(rows, columns, dtype=torch.bool)
+    keep = torch.ones(rows, columns, dtype=torch.bool, device=weight.device)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         block = w_t[start:end]
@@ -105,7 +105,7 @@ def sparsegpt_prune_layers(weights: dict[str, torch.Tensor],
     for name, weight in weights.items():
         if targets[name] == 0:
             new_weights[name] = weight
-            masks[name] = torch.ones(weight.shape, dtype=torch.bool)
+            masks[name] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
             continue
         if "hessian" not in stats[name]:
             raise ValueError(f"statistics for {name} hold no hessian; rerun the gradients stage "

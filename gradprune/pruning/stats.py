@@ -3,8 +3,22 @@
 One backward pass per calibration block. For every prunable weight W the accumulators hold
 sum g, sum |g| and sum g^2 over blocks (fp32, whatever the compute dtype), and for every
 prunable Linear the sum of squared inputs per input channel over all tokens, and optionally
-(for SparseGPT) the sum of input outer products X^T X. Memory is the model, its gradients and
-these accumulators: nothing grows with the number of blocks.
+(for SparseGPT) the sum of input outer products X^T X. Only the statistics asked for are
+accumulated (`statistics_for` says which a set of criteria reads).
+
+The pass is lean: each weight's gradient is folded into its accumulators by a
+post-accumulate-grad hook the moment backward has finished it, and freed there, so at most one
+prunable weight's gradient is alive at a time instead of all of them. With `checkpointing`,
+each decoder layer's activations are recomputed in backward instead of kept (the input
+recorders count every token once all the same); with `offload`, accumulators live in host
+memory and each gradient is copied there to be folded (through one pinned staging buffer when
+the model is on a GPU, so the copy runs at full speed and is complete before it is read).
+Memory is the model, one gradient, the accumulators and the (checkpointed) activations:
+nothing grows with the number of blocks.
+
+Every sum is taken in the same order whatever the thread count: blocks in sequence, one fp32
+gradient per block added whole into its accumulator (elementwise, no reduction split across
+threads), so the statistics whose ranking decides masks do not move with the thread count.
 
 Under torch.distributed each process takes its share of the blocks and the sums are added
 across processes before dividing, so the statistics equal one process's up to the order of
@@ -13,82 +27,164 @@ floating-point additions.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from gradprune.config import Params
+from gradprune.config.choices import SEQUENTIAL_CRITERIA
+from gradprune.device import bf16_autocast, model_device
 from gradprune.progress import progress_bar
+from gradprune.pruning.criteria import statistics_for
 from gradprune.training.parallel import all_reduce_sum, share
+
+GRADIENT_STATISTICS = ("grad_mean", "grad_abs_mean", "grad_sq_mean")
+ACTIVATION_STATISTICS = ("act_norm", "hessian")
+STATISTICS = GRADIENT_STATISTICS + ACTIVATION_STATISTICS
+
+
+def check_statistics(statistics: Iterable[str]) -> tuple[str, ...]:
+    """The requested statistics in STATISTICS order; an unknown name is an error."""
+    wanted = set(statistics)
+    unknown = sorted(wanted - set(STATISTICS))
+    if unknown:
+        raise ValueError(f"unknown statistic {unknown[0]!r}; allowed: {', '.join(STATISTICS)}")
+    return tuple(s for s in STATISTICS if s in wanted)
+
+
+def requested_statistics(params: Params) -> tuple[str, ...]:
+    """gradients.statistics resolved: every statistic, or those the masks criterion and the
+    compare rows read (as compare rows take their variant: masks.variant for gradient and
+    taylor, the plain form otherwise), less the activation statistics of criteria that
+    masks.calibration sequential calibrates layer by layer. act_norm stands in when none is
+    read (magnitude, random): it is one forward's worth of work and names every prunable Linear
+    in the file."""
+    if params.gradients.statistics == "all":
+        return STATISTICS
+    masks = params.masks
+    rows = [(c, masks.variant if c in ("gradient", "taylor") else "mean")
+            for c in params.compare.criteria]
+    needed = set()
+    for criterion, variant in [(masks.criterion, masks.variant), *rows]:
+        reads = statistics_for([(criterion, variant)])
+        if masks.calibration == "sequential" and criterion in SEQUENTIAL_CRITERIA:
+            reads -= set(ACTIVATION_STATISTICS)  # the masks stage takes them layer by layer
+        needed |= reads
+    return tuple(s for s in STATISTICS if s in (needed or {"act_norm"}))
 
 
 def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
-                           bf16: bool, hessian: bool = False,
+                           bf16: bool, statistics: Iterable[str] = STATISTICS[:4], *,
+                           checkpointing: bool = False, offload: bool = False,
                            ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
-    """Statistics per Linear name, and the mean calibration loss.
+    """The requested statistics per Linear name, and the mean calibration loss.
 
     grad_mean is E[g] over blocks, which is the gradient of the mean calibration loss because
     every block has the same number of predicted tokens (an LM block's length - 1; a seq2seq
-    span-corruption example's target length, which is fixed). act_norm is the L2 norm of each input
-    channel over all calibration tokens (Wanda's ||X_j||). With hessian=True, "hessian" is
-    X^T X / n_tokens, in_features x in_features in fp32: the layer-wise reconstruction Hessian
-    SparseGPT needs, up to a constant factor that its relative damping makes irrelevant. It is
-    taken from the dense model in one pass, not layer by layer from already-pruned inputs as
-    the SparseGPT reference does.
+    span-corruption example's target length, which is fixed). grad_abs_mean is E|g|,
+    grad_sq_mean E[g^2]. act_norm is the L2 norm of each input channel over all calibration
+    tokens (Wanda's ||X_j||). "hessian" is X^T X / n_tokens, in_features x in_features in fp32:
+    the layer-wise reconstruction Hessian SparseGPT needs, up to a constant factor that its
+    relative damping makes irrelevant, taken from the dense model in one pass (see
+    gradprune.pruning.sequential for the layer-by-layer form). Blocks move to the model's
+    device; without any gradient statistic no backward runs.
     """
     if len(blocks) == 0:
         raise ValueError("no calibration blocks")
+    statistics = check_statistics(statistics)
+    gradients = [s for s in statistics if s in GRADIENT_STATISTICS]
+    device = model_device(model)
+    home = torch.device("cpu") if offload else device
+
+    def accumulator(*shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=home)
+
+    staging = torch.empty(max(m.weight.numel() for m in linears.values()), dtype=torch.float32,
+                          pin_memory=True) if offload and gradients and device.type == "cuda" \
+        else None
+    sums = {name: {k: accumulator(*layer.weight.shape) for k in gradients}
+            for name, layer in linears.items()}
+    act_sq = {name: accumulator(layer.in_features) for name, layer in linears.items()
+              if "act_norm" in statistics}
+    xtx = {name: accumulator(layer.in_features, layer.in_features)
+           for name, layer in linears.items() if "hessian" in statistics}
+    tokens = dict.fromkeys(linears, 0)
+    # A Linear records its input once per block: a checkpointed layer runs forward again in
+    # backward, and that second call must not count its tokens twice.
+    recorded: set[str] = set()
+
+    def recorder(name):
+        def hook(module, inputs):
+            if name in recorded:
+                return
+            recorded.add(name)
+            x = inputs[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            tokens[name] += x.shape[0]
+            if act_sq:
+                act_sq[name] += x.square().sum(dim=0).to(home)
+            if xtx and offload:
+                xtx[name] += (x.T @ x).to(home)
+            elif xtx:
+                xtx[name].addmm_(x.T, x)
+        return hook
+
+    def folder(name):
+        acc = sums[name]
+
+        def hook(weight):
+            g = weight.grad.float()
+            if staging is not None:
+                g = staging[:g.numel()].view_as(g).copy_(g)  # synchronous: complete on return
+            elif g.device != home:
+                g = g.to(home)
+            if "grad_mean" in acc:
+                acc["grad_mean"] += g
+            if "grad_abs_mean" in acc:
+                acc["grad_abs_mean"] += g.abs()
+            if "grad_sq_mean" in acc:
+                acc["grad_sq_mean"].addcmul_(g, g)
+            weight.grad = None
+        return hook
+
     model.eval()  # no dropout; gradients still flow
     # Restored afterwards, so a caller's frozen parameters stay frozen.
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in linears.values():
-        layer.weight.requires_grad_(True)
-    sums = {name: {k: torch.zeros_like(layer.weight, dtype=torch.float32)
-                   for k in ("grad_mean", "grad_abs_mean", "grad_sq_mean")}
-            for name, layer in linears.items()}
-    act_sq = {name: torch.zeros(layer.in_features, dtype=torch.float32)
-              for name, layer in linears.items()}
-    xtx = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float32)
-           for name, layer in linears.items()} if hessian else {}
-    tokens = dict.fromkeys(linears, 0)
-
-    def recorder(name):
-        def hook(module, inputs):
-            x = inputs[0].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            act_sq[name] += x.square().sum(dim=0)
-            tokens[name] += x.shape[0]
-            if hessian:
-                xtx[name].addmm_(x.T, x)
-        return hook
-
+        layer.weight.requires_grad_(bool(gradients))
     handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in linears.items()]
+    if gradients:
+        handles += [layer.weight.register_post_accumulate_grad_hook(folder(name))
+                    for name, layer in linears.items()]
     total_loss = 0.0
     try:
-        for block in progress_bar(share(blocks), desc="calibration blocks"):
-            batch = block.unsqueeze(0)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"calibration loss is {loss.item()}; the model is broken")
-            loss.backward()
-            total_loss += loss.item()
-            for name, layer in linears.items():
-                g = layer.weight.grad.float()
-                acc = sums[name]
-                acc["grad_mean"] += g
-                acc["grad_abs_mean"] += g.abs()
-                acc["grad_sq_mean"] += g.square()
-                layer.weight.grad = None
+        with checkpointed_layers(model, checkpointing and bool(gradients)), \
+                torch.set_grad_enabled(bool(gradients)):
+            for block in progress_bar(share(blocks), desc="calibration blocks"):
+                recorded.clear()
+                batch = block.unsqueeze(0).to(device)
+                with bf16_autocast(device, bf16):
+                    loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"calibration loss is {loss.item()}; the model is "
+                                             "broken")
+                if gradients:
+                    loss.backward()
+                total_loss += loss.item()
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
     # Counts travel as float64, which holds the token counts and the loss sum exactly.
-    counts = torch.tensor([total_loss, *tokens.values()], dtype=torch.float64)
+    counts = torch.tensor([total_loss, *tokens.values()], dtype=torch.float64, device=home)
     all_reduce_sum([t for per in sums.values() for t in per.values()]
                    + list(act_sq.values()) + list(xtx.values()) + [counts])
     total_loss = counts[0].item()
@@ -97,10 +193,31 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     stats = {}
     for name in linears:
         stats[name] = {k: v / n for k, v in sums[name].items()}
-        stats[name]["act_norm"] = act_sq[name].sqrt()
-        if hessian:
+        if act_sq:
+            stats[name]["act_norm"] = act_sq[name].sqrt()
+        if xtx:
             stats[name]["hessian"] = xtx[name] / tokens[name]
     return stats, total_loss / n
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Activation checkpointing of every layer in the model's `layers` lists (the decoder
+    layers of a LLaMA, both stacks of the seq2seq model): each keeps only its input and reruns
+    its forward in backward. The layers' own forward methods are restored afterwards."""
+    if not enabled:
+        yield
+        return
+    layers = [layer for name, stack in model.named_modules()
+              if name.rsplit(".", 1)[-1] == "layers" and isinstance(stack, nn.ModuleList)
+              for layer in stack]
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute; the class's forward shows again
 
 
 def save_stats(path: str | Path, stats: dict[str, dict[str, torch.Tensor]],
@@ -114,21 +231,27 @@ def save_stats(path: str | Path, stats: dict[str, dict[str, torch.Tensor]],
     save_file(flat, str(path), metadata={"gradprune.stats": json.dumps(info, sort_keys=True)})
 
 
-def load_stats(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_stats(path: str | Path, device: torch.device | str | None = None,
+               statistics: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The statistics in `path` per Linear name, on `device` (None: the CPU). With
+    `statistics`, only those are read from the file (it is memory-mapped): one criterion's
+    masks never load another's buffers, such as SparseGPT's Hessians."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: gradient statistics missing; run the gradients stage")
+    wanted = None if statistics is None else set(statistics)
+    stats: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        flat = load_file(str(path))
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            for key in f.keys():
+                name, stat = key.rsplit(".", 1)
+                per = stats.setdefault(name, {})
+                if wanted is None or stat in wanted:
+                    per[stat] = f.get_tensor(key)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: corrupt statistics ({err}); rerun the gradients stage") from None
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        name, stat = key.rsplit(".", 1)
-        stats.setdefault(name, {})[stat] = value
     return dict(sorted(stats.items()))
 
 

@@ -151,9 +151,9 @@ def kept_slices(config, keep_ffn: torch.Tensor, keep_groups: torch.Tensor
     head_dim = head_dim_of(config)
     per_group = config.num_attention_heads // config.num_key_value_heads
     groups = keep_groups.sort().values
-    heads = (groups[:, None] * per_group + torch.arange(per_group)).reshape(-1)
-    q_rows = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    heads = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).reshape(-1)
+    q_rows = (heads[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).reshape(-1)
+    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).reshape(-1)
     channels = keep_ffn.sort().values
     return {"q_proj": (0, q_rows), "k_proj": (0, kv_rows), "v_proj": (0, kv_rows),
             "o_proj": (1, q_rows), "gate_proj": (0, channels), "up_proj": (0, channels),
@@ -220,7 +220,8 @@ def structured_masks(model: nn.Module, keep_ffn: dict[int, torch.Tensor],
     for layer in range(layers):
         for proj, (dim, idx) in kept_slices(config, keep_ffn[layer], keep_groups[layer]).items():
             name = _module_name(layer, proj)
-            mask = torch.zeros(modules[name].weight.shape, dtype=torch.bool)
+            mask = torch.zeros(modules[name].weight.shape, dtype=torch.bool,
+                               device=modules[name].weight.device)
             masks[name] = mask.index_fill_(dim, idx, True)
     return dict(sorted(masks.items()))
 

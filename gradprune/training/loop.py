@@ -34,8 +34,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gradprune.config import TrainParams
+from gradprune.device import bf16_autocast, model_device
 from gradprune.io import atomic_dir, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
 from gradprune.progress import progress_bar
@@ -167,7 +169,8 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
     that many validations in a row brought no lower validation loss.
     """
     params = dict(model.named_parameters())
-    masked = {params[f"{name}.weight"]: mask for name, mask in (masks or {}).items()}
+    device = model_device(model)
+    masked = {params[f"{name}.weight"]: mask.to(device) for name, mask in (masks or {}).items()}
     if masks:
         apply_masks(model, masks)
     optimizer = adamw(model, cfg)
@@ -198,8 +201,9 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
             mine = share(indices)
             # This process's part of the micro-batch's mean loss (1 in one process).
             weight = len(mine) / len(indices)
-            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[mine], bf16,
-                                                   distillation, step, mine, state_dir)
+            lm_loss, kd_loss = _micro_batch_losses(model, train_blocks[mine].to(device), bf16,
+                                                   distillation, step, mine, state_dir,
+                                                   cfg.loss_chunk)
             loss = lm_loss if kd_loss is None else distillation.mix(lm_loss, kd_loss)
             (loss * weight / grad_accum).backward()
             lm_total += lm_loss.item() * weight / grad_accum
@@ -248,15 +252,47 @@ def _sum_over_processes(*values: float) -> tuple[float, ...]:
     return tuple(packed.tolist())
 
 
-def _micro_batch_losses(model, batch, bf16, distillation, step, indices, state_dir):
-    """The LM loss, and the distillation loss when distilling."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+def chunked_lm_loss(model: nn.Module, batch: torch.Tensor, chunk: int, bf16: bool
+                    ) -> torch.Tensor:
+    """Mean next-token cross-entropy of a Hugging Face causal LM over `chunk` positions at a
+    time: each chunk's logits over the vocabulary (bf16, their fp32 copy, the log-softmax and
+    their gradients, 16 bytes a vocabulary entry) exist only while that chunk is computed, in
+    forward and again in backward, instead of the whole batch's at once."""
+    with bf16_autocast(batch.device, bf16):
+        hidden = model.model(input_ids=batch).last_hidden_state[:, :-1]
+    targets = batch[:, 1:]
+    total = 0.0
+    for start in range(0, targets.shape[1], chunk):
+        total = total + checkpoint(_summed_chunk_loss, model.lm_head,
+                                   hidden[:, start:start + chunk],
+                                   targets[:, start:start + chunk], bf16, use_reentrant=False)
+    return total / targets.numel()
+
+
+def _summed_chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                       bf16: bool) -> torch.Tensor:
+    with bf16_autocast(hidden.device, bf16):
+        logits = head(hidden)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                       targets.reshape(-1).long(), reduction="sum")
+
+
+def _micro_batch_losses(model, batch, bf16, distillation, step, indices, state_dir,
+                        loss_chunk=None):
+    """The LM loss, and the distillation loss when distilling (which needs every position's
+    logits, so it never chunks)."""
+    if loss_chunk is not None and distillation is None and hasattr(model, "lm_head"):
+        loss = chunked_lm_loss(model, batch, loss_chunk, bf16)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(_divergence("loss", loss.item(), step, indices, state_dir))
+        return loss, None
+    with bf16_autocast(batch.device, bf16):
         out = model(input_ids=batch, labels=batch)
     if not torch.isfinite(out.loss):
         raise FloatingPointError(_divergence("loss", out.loss.item(), step, indices, state_dir))
     if distillation is None:
         return out.loss, None
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), bf16_autocast(batch.device, bf16):
         teacher_logits = distillation.teacher(input_ids=batch).logits
     kd_loss = distillation_loss(out.logits, teacher_logits, distillation.temperature)
     if not torch.isfinite(kd_loss):
@@ -328,7 +364,7 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
     saved = _newest_state(state_dir)
     if saved is None:
         return None
-    tensors = load_file(str(saved / "tensors.safetensors"))
+    tensors = load_file(str(saved / "tensors.safetensors"), device=str(model_device(model)))
     meta = json.loads((saved / "state.json").read_text())
     with torch.no_grad():
         for name, p in model.named_parameters():
