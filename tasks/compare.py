@@ -20,7 +20,7 @@ from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.models.llama import load_model
 from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
 from gradprune.pruning.stats import load_stats, load_stats_info
-from tasks.measure import test_perplexity, zero_shot
+from tasks.measure import ood_perplexities, ood_streams, test_perplexity, zero_shot
 from tasks.recovery import average_into, finetune_runs, finetune_summary
 from tasks.stage import DATA, Stage, stage_main
 
@@ -52,11 +52,14 @@ def run(params: Params, stage: Stage) -> dict:
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
     tokenizer = load_tokenizer(DENSE)
+    ood = ood_streams(tokenizer, params)
 
     def scores(model) -> dict:
         scored = test_perplexity(model, params)
         return {"sparsity": prunable_sparsity(model, shapes),
                 "test_perplexity": scored["perplexity"], "tokens_scored": scored["tokens_scored"],
+                **{f"{name}_perplexity": value
+                   for name, value in ood_perplexities(model, ood, params).items()},
                 # The sliding window of a decoder LM's perplexity (a seq2seq model has none).
                 **{k: scored[k] for k in ("context", "stride") if k in scored},
                 **parameter_counts(model),

@@ -28,7 +28,14 @@ from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.models.seq2seq import exact_match
 from gradprune.pruning.masks import load_masks
 from gradprune.pruning.prune import MASKS_FILE, load_pruned_model, prunable_sparsity
-from tasks.measure import perplexity_window, test_examples, test_perplexity, zero_shot
+from tasks.measure import (
+    ood_perplexities,
+    ood_streams,
+    perplexity_window,
+    test_examples,
+    test_perplexity,
+    zero_shot,
+)
 from tasks.report import (
     html_report,
     markdown_report,
@@ -93,6 +100,7 @@ def run(params: Params, stage: Stage) -> dict:
     for path in cfg.extra_texts:
         ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
         extra_streams[Path(path).stem] = torch.tensor(ids)
+    ood = ood_streams(tokenizer, params)
     tasks = () if seq2seq else cfg.tasks
     dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
@@ -105,6 +113,8 @@ def run(params: Params, stage: Stage) -> dict:
         row.update({f"perplexity_{s}": sliding_window_perplexity(
                         model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
                     for s, ids in extra_streams.items()})
+        row.update({f"perplexity_{s}": value
+                    for s, value in ood_perplexities(model, ood, params).items()})
         if seq2seq:
             examples = test_examples(params, model.config.target_length, cfg.exact_match_limit)
             row["exact_match"] = exact_match(model, examples, cfg.batch_size, bf16)
@@ -140,7 +150,7 @@ def run(params: Params, stage: Stage) -> dict:
             "layer_sparsity.png": plot_layers(out / "layer_sparsity.png", layer_rows),
             "accuracy_vs_sparsity.png": plot_accuracy(out / "accuracy_vs_sparsity.png", rows),
         }
-        table = report_table(tasks, rows, compared, speed)
+        table = report_table(tasks, rows, compared, speed, tuple(ood))
         (out / "report.md").write_text(markdown_report(params, context, stride, table, speed))
         (out / "report.html").write_text(html_report(params, context, stride, table, speed,
                                                {k: out / k for k, v in plots.items() if v}))
@@ -149,7 +159,8 @@ def run(params: Params, stage: Stage) -> dict:
     # `scored` is the last model's; every model is scored on the same tokens.
     window = {"test_target_tokens_scored": scored["tokens_scored"],
               "test_examples": scored["examples"]} if seq2seq else {
-        "context": context, "stride": stride, "test_tokens_scored": scored["tokens_scored"]}
+        "context": context, "stride": stride, "test_tokens_scored": scored["tokens_scored"],
+        "ood_tokens_scored": {name: len(ids) - 1 for name, ids in ood.items()}}
     return {
         "arch": params.model.arch,
         **window,

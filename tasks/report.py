@@ -10,13 +10,15 @@ from pathlib import Path
 from gradprune.config import Params
 
 
-def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict
-           ) -> tuple[list, list]:
+def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict,
+                 ood: tuple[str, ...] = ()) -> tuple[list, list]:
     """Header and rows of the report's one table (strings); columns of measures that were not
-    taken (exact match of a decoder LM, accuracy without tasks, speed) are left out."""
+    taken (exact match of a decoder LM, accuracy without tasks, speed) are left out. `ood`:
+    the evaluate.ood_texts, one perplexity column each."""
     generated = any("exact_match" in r for r in rows.values())
     timed = any(name in speed for name in rows)
-    header = ["model", "test ppl", *(["exact match"] if generated else []),
+    header = ["model", "test ppl", *[f"{name} ppl" for name in ood],
+              *(["exact match"] if generated else []),
               *[f"{t} acc/acc_n" for t in tasks], *(["avg acc"] if tasks else []), "sparsity",
               "params", "non-zero", "dense MB", "sparse MB",
               *(["decode tok/s (b1)"] if timed else [])]
@@ -24,7 +26,7 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
     for name, r in rows.items():
         decode = speed.get(name, {}).get("batch_1", {}).get("decode_tokens_per_s")
         body.append([
-            name, f"{r['perplexity_test']:.2f}",
+            name, f"{r['perplexity_test']:.2f}", *[f"{r[f'perplexity_{o}']:.2f}" for o in ood],
             *([f"{r['exact_match']:.3f}"] if generated else []),
             *[f"{r['tasks'][t]['acc']:.3f}/{r['tasks'][t]['acc_norm']:.3f}" for t in tasks],
             *([f"{r['average_acc']:.3f}"] if tasks else []), f"{r['sparsity']:.3f}",
@@ -38,7 +40,10 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
             scorings.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
         for label, r in scorings:
             scored = r.get("tasks", {})
-            body.append([label, f"{r['test_perplexity']:.2f}", *(["-"] if generated else []),
+            body.append([label, f"{r['test_perplexity']:.2f}",
+                         *[f"{r[f'{o}_perplexity']:.2f}" if f"{o}_perplexity" in r else "-"
+                           for o in ood],
+                         *(["-"] if generated else []),
                          *[f"{scored[t]['acc']:.3f}/{scored[t]['acc_norm']:.3f}" if t in scored
                            else "-" for t in tasks],
                          *([f"{r['average_acc']:.3f}" if "average_acc" in r else "-"]
@@ -70,7 +75,11 @@ def _caption(params: Params, context: int, stride: int) -> list[str]:
     return [
         pruned,
         f"Perplexity: sliding windows of {context} tokens, stride {stride}, over the first "
-        f"{tasks.max_tokens or 'all'} test tokens. Zero-shot: first {tasks.limit or 'all'} "
+        f"{tasks.max_tokens or 'all'} test tokens"
+        + (f" and the first {tasks.max_tokens or 'all'} tokens of each out-of-domain text "
+           f"({', '.join(tasks.ood_texts)}: packaged paragraphs joined by blank lines, see "
+           "gradprune.data.ood_documents), which no stage trains or calibrates on"
+           if tasks.ood_texts else "") + ". Zero-shot: first {tasks.limit or 'all'} "
         "questions per task (validation splits), acc / acc_norm as lm-evaluation-harness "
         "computes them. Sparsity is over the prunable Linears; dense/sparse MB are the sizes of "
         "a plain safetensors export and of the bitmask + values export.",

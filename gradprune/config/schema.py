@@ -17,8 +17,10 @@ from gradprune.config.choices import (
     ARCHS,
     AVERAGE_METHODS,
     BF16_MODES,
+    BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT,
     CRITERIA,
     GRADIENT_VARIANTS,
+    OOD_TEXTS,
     SCOPES,
     TAYLOR_VARIANTS,
     ZEROSHOT_TASKS,
@@ -385,6 +387,9 @@ class EvaluateParams:
     stride: int | None = None
     max_tokens: int | None = 65536       # of the test split scored (null: all of it)
     extra_texts: tuple[str, ...] = ()    # more .txt files to report perplexity on
+    # Packaged text of domains no stage trains or calibrates on (choices.OOD_TEXTS), scored
+    # with the test split's windows and max_tokens: perplexity_<name> in every row.
+    ood_texts: tuple[str, ...] = ()
     batch_size: int = 8
     bf16: BF16 = "auto"
     # Zero-shot multiple choice, scored as lm-evaluation-harness does; a .jsonl path adds a
@@ -409,6 +414,22 @@ class EvaluateParams:
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
         for i, path in enumerate(self.extra_texts):
             _require(Path(path).is_file(), f"evaluate.extra_texts[{i}]", f"{path} is not a file")
+        for i, name in enumerate(self.ood_texts):
+            _require(name in OOD_TEXTS, f"evaluate.ood_texts[{i}]",
+                     f"got {name!r}; allowed: {', '.join(OOD_TEXTS)}")
+            _require(name not in self.ood_texts[:i], f"evaluate.ood_texts[{i}]",
+                     f"{name!r} is listed twice")
+            _require(name not in (Path(p).stem for p in self.extra_texts),
+                     f"evaluate.ood_texts[{i}]", f"{name!r} is also the name of an "
+                     "evaluate.extra_texts file; rename that file")
+        boolq_limit = self.task_limits.get("boolq", self.limit)
+        if "wikipedia" in self.ood_texts and "boolq" in self.tasks:
+            _require(boolq_limit is not None and boolq_limit <= BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT,
+                     "evaluate.task_limits.boolq",
+                     f"the wikipedia text (evaluate.ood_texts) holds BoolQ paragraphs from "
+                     f"question {BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT} on: score at most "
+                     f"{BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT} BoolQ questions (got "
+                     f"{boolq_limit or 'all'}) or drop wikipedia")
         for i, task in enumerate(self.tasks):
             if task.endswith(".jsonl"):
                 _require(Path(task).is_file(), f"evaluate.tasks[{i}]", f"{task} is not a file")
@@ -521,9 +542,10 @@ class Params:
                  f"selects no Linear of the seq2seq model (names like "
                  f"{', '.join(SEQ2SEQ_LINEAR_EXAMPLES)}); e.g. ['encoder.layers.*', "
                  "'decoder.layers.*']")
-        _require(not self.evaluate.extra_texts, "evaluate.extra_texts",
-                 "perplexity of running text is a decoder-LM measure; leave it empty with "
-                 "model.arch seq2seq")
+        for key in ("extra_texts", "ood_texts"):
+            _require(not getattr(self.evaluate, key), f"evaluate.{key}",
+                     "perplexity of running text is a decoder-LM measure; leave it empty with "
+                     "model.arch seq2seq")
         _require(not self.compare.zeroshot, "compare.zeroshot",
                  "zero-shot multiple choice is a decoder-LM measure; set it to false with "
                  "model.arch seq2seq")
