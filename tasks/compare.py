@@ -29,17 +29,23 @@ DENSE = DATA / "train" / "model"
 
 
 def row_mask_params(params: Params, criterion: str, pattern: str):
-    """masks.* with this row's criterion, pattern and scope; N:M rows take their own sparsity."""
+    """masks.* with this row's criterion, pattern and scope; N:M rows take their own sparsity.
+    masks.allocation owl reaches the rows it applies to (unstructured, and a per_layer or
+    per_row scope or sparsegpt); the others, such as a global selection that spreads its
+    budget over the layers by itself, stay uniform."""
     shape = parse_pattern(pattern, "--pattern")
     sparsity = params.compare.sparsity if params.compare.sparsity is not None \
         else params.masks.sparsity
     if isinstance(shape, tuple):
         sparsity = 1 - shape[0] / shape[1]
+    scope = params.compare.scopes.get(criterion, params.masks.scope)
+    owl_applies = shape == "unstructured" and (scope != "global" or criterion == "sparsegpt")
     return with_overrides(
         params.masks, criterion=criterion, pattern=pattern, tau=None, sparsity=sparsity,
-        scope=params.compare.scopes.get(criterion, params.masks.scope),
+        scope=scope,
         variant=params.masks.variant if criterion in ("gradient", "taylor") else "mean",
-        overrides=params.masks.overrides if shape == "unstructured" else {})
+        overrides=params.masks.overrides if shape == "unstructured" else {},
+        allocation=params.masks.allocation if owl_applies else "uniform")
 
 
 def run(params: Params, stage: Stage) -> dict:
@@ -66,6 +72,7 @@ def run(params: Params, stage: Stage) -> dict:
                 **(zero_shot(model, tokenizer, params) if params.compare.zeroshot else {})}
 
     row = {"criterion": criterion, "pattern": pattern, "scope": cfg.scope,
+           "allocation": cfg.allocation,
            "sparsity_asked": cfg.sparsity, **scores(model)}
     if params.compare.finetune:
         # A structurally smaller model has nothing left to mask.

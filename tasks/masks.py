@@ -26,7 +26,8 @@ def run(params: Params, stage: Stage) -> dict:
 
     report = pruning_report(pruned, dense)
     report.update(criterion=cfg.criterion, variant=cfg.variant, pattern=cfg.pattern,
-                  tau=cfg.tau, scope=cfg.scope, sparsity_asked=cfg.sparsity)
+                  tau=cfg.tau, scope=cfg.scope, sparsity_asked=cfg.sparsity,
+                  allocation=cfg.allocation)
     with atomic_dir(OUT) as out:
         save_pruned(out, pruned)
         write_json(out / "masks.json", report)
@@ -34,6 +35,7 @@ def run(params: Params, stage: Stage) -> dict:
     metrics = {
         "criterion": cfg.criterion,
         "pattern": cfg.pattern,
+        "allocation": cfg.allocation,
         "sparsity_asked": cfg.sparsity,
         "sparsity_achieved": report["total"]["sparsity"],
         "kept": report["total"]["kept"],

@@ -7,6 +7,9 @@ CRITERIA = (*CRITERIA_SCORED, "sparsegpt")
 GRADIENT_VARIANTS = ("mean", "abs_mean", "rms")   # |E[g]| (the seed), E|g|, sqrt(E[g^2])
 TAYLOR_VARIANTS = ("mean", "abs_mean")            # |w E[g]|, E|w g|
 SCOPES = ("global", "per_layer", "per_row")
+# How masks.sparsity is spread over the decoder layers: the same everywhere, or OWL's
+# outlier-weighted layer sparsities (gradprune.pruning.allocation).
+ALLOCATIONS = ("uniform", "owl")
 AVERAGE_METHODS = ("uniform", "val_weighted", "greedy", "ema", "swa")
 ARCHS = ("llama", "seq2seq")
 BF16_MODES = ("auto", "on", "off")

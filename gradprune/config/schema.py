@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from gradprune.config.choices import (
+    ALLOCATIONS,
     ARCHS,
     AVERAGE_METHODS,
     BF16_MODES,
@@ -253,6 +254,18 @@ class SparseGPTParams:
 
 
 @dataclass(frozen=True)
+class OwlParams:
+    # A score |W_ij| * ||X_j|| above outlier_threshold (OWL's M) times its layer's mean is an
+    # outlier; layer sparsities span 2 * max_deviation (OWL's lambda) around masks.sparsity.
+    outlier_threshold: float = 5.0
+    max_deviation: float = 0.08
+
+    def check(self) -> None:
+        _require(self.outlier_threshold > 0, "masks.owl.outlier_threshold", "must be positive")
+        _require(self.max_deviation > 0, "masks.owl.max_deviation", "must be positive")
+
+
+@dataclass(frozen=True)
 class MaskParams:
     criterion: Literal[CRITERIA] = "gradient"
     # gradient: mean = |E[g]| (the seed), abs_mean = E|g|, rms = sqrt(E[g^2]);
@@ -271,6 +284,10 @@ class MaskParams:
     exclude: tuple[str, ...] = ()
     structured: StructuredParams = field(default_factory=StructuredParams)
     sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
+    # uniform: every Linear at its target | owl: decoder layers with more activation outliers
+    # pruned less, the mean kept at masks.sparsity (unstructured, per_layer/per_row or sparsegpt).
+    allocation: Literal[ALLOCATIONS] = "uniform"
+    owl: OwlParams = field(default_factory=OwlParams)
 
     def check(self) -> None:
         if (self.tau is None) == (self.sparsity is None):
@@ -305,6 +322,25 @@ class MaskParams:
             _require(0 <= value < 1, f"masks.overrides.{name}", f"must be in [0, 1), got {value}")
         self.structured.check()
         self.sparsegpt.check()
+        self.owl.check()
+        if self.allocation == "owl":
+            self._check_owl(pattern)
+
+    def _check_owl(self, pattern) -> None:
+        key = "masks.allocation"
+        _require(self.sparsity is not None, key, "owl spreads masks.sparsity: set it, not tau")
+        _require(pattern == "unstructured", key,
+                 f"owl sets unstructured layer sparsities; pattern {self.pattern!r} needs "
+                 "'uniform'")
+        _require(not self.overrides, key, "owl and masks.overrides both set per-layer "
+                 "sparsities: use one of them")
+        _require(self.scope != "global" or self.criterion == "sparsegpt", key,
+                 "owl fixes each layer's sparsity, which scope global would spread again: set "
+                 "masks.scope to per_layer or per_row")
+        deviation = 2 * self.owl.max_deviation
+        _require(self.sparsity - deviation >= 0 and self.sparsity + deviation < 1,
+                 "masks.owl.max_deviation", f"layer sparsities may reach masks.sparsity +- "
+                 f"{deviation:g}, outside [0, 1) for sparsity {self.sparsity}; lower it")
 
 
 @dataclass(frozen=True)

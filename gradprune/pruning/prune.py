@@ -17,6 +17,7 @@ from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
 from gradprune.models.llama import load_model
+from gradprune.pruning.allocation import owl_targets
 from gradprune.pruning.criteria import scores_for
 from gradprune.pruning.masks import (
     apply_masks,
@@ -46,6 +47,8 @@ class Pruned:
     masks: dict[str, torch.Tensor]
     new_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     smaller: nn.Module | None = None
+    # masks.allocation owl: per decoder layer its outlier ratio and the sparsity it was given.
+    allocation: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: MaskParams,
@@ -55,13 +58,17 @@ def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: Mask
     weights = {name: modules[name].weight.detach() for name in sorted(stats)}
     pattern = parse_pattern(cfg.pattern)
     targets = sparsity_targets(weights, cfg.sparsity or 0.0, cfg.overrides, cfg.exclude)
+    allocation = {}
+    if cfg.allocation == "owl":
+        targets, allocation = owl_targets(weights, stats, targets, cfg.sparsity,
+                                          cfg.owl.outlier_threshold, cfg.owl.max_deviation)
     n, m = pattern if isinstance(pattern, tuple) else (0, 0)
 
     if cfg.criterion == "sparsegpt":
         new_weights, masks = sparsegpt_prune_layers(
             weights, stats, targets, n=n, m=m, block_size=cfg.sparsegpt.block_size,
             damp=cfg.sparsegpt.damp)
-        return Pruned(masks, new_weights)
+        return Pruned(masks, new_weights, allocation=allocation)
 
     scores = scores_for(cfg.criterion, weights, stats, variant=cfg.variant,
                         gblm_alpha=cfg.gblm_alpha, n_blocks=n_blocks, seed=seed)
@@ -84,7 +91,7 @@ def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: Mask
                       if excluded[name] == 0})
     else:
         masks = masks_for_targets(scores, targets, cfg.scope)
-    return Pruned(masks)
+    return Pruned(masks, allocation=allocation)
 
 
 def _or(value: float | None, default: float | None) -> float:
@@ -148,6 +155,8 @@ def prunable_sparsity(model: nn.Module, dense_shapes: dict[str, torch.Size]) -> 
 def pruning_report(pruned: Pruned, dense: nn.Module) -> dict:
     """Per-layer and total sparsity of the masks, and the new shape when structured."""
     report = sparsity_report(pruned.masks)
+    if pruned.allocation:
+        report["allocation"] = pruned.allocation
     if pruned.smaller is not None:
         report["shape_before"] = shape_report(dense)
         report["shape_after"] = shape_report(pruned.smaller)
