@@ -208,6 +208,15 @@ def token_blocks(documents: list[str], tokenizer, block_size: int) -> torch.Tens
     return torch.tensor(ids[: n_blocks * block_size], dtype=torch.int32).view(n_blocks, block_size)
 
 
+def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of training blocks: calibration never sees validation or test text."""
+    if count > len(train_blocks):
+        raise ValueError(f"gradients.calibration_blocks={count} exceeds the {len(train_blocks)} "
+                         "training blocks; lower it or use a larger corpus")
+    pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
+    return train_blocks[pick[:count].sort().values]
+
+
 def write_blocks(path: str | Path, blocks: torch.Tensor) -> None:
     column = pa.FixedSizeListArray.from_arrays(pa.array(blocks.flatten().numpy()),
                                                blocks.shape[1])

@@ -5,20 +5,32 @@ collected (no second gradient pass) and scores it on the same test tokens and wi
 tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot the
 evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly
 as the finetune and average stages do (their params, their code, checkpoints in a temporary
-folder) and scores the merge again. The row is this stage's metrics file.
+folder) and scores the merge again. With masks.reconstruct.steps the row also reconstructs
+the pruned model block by block (as the masks stage does) and scores it before fine-tuning
+starts from it. A structured row also times itself against the dense model (evaluate.speed):
+prefill and decode speedups. Each phase records its wall time, fine-tuning its tokens. The row
+is this stage's metrics file.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
-from gradprune.data import load_tokenizer, read_blocks
+from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
-from gradprune.models.llama import load_model
-from gradprune.pruning.prune import apply_pruning, prunable_sparsity, prune, with_overrides
+from gradprune.evaluation.speed import measure_speed
+from gradprune.models.llama import bf16_enabled, load_model
+from gradprune.pruning.prune import (
+    apply_pruning,
+    prunable_sparsity,
+    prune,
+    reconstruct,
+    with_overrides,
+)
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.measure import ood_perplexities, ood_streams, test_perplexity, zero_shot
 from tasks.recovery import average_into, finetune_runs, finetune_summary
@@ -48,6 +60,24 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
         allocation=params.masks.allocation if owl_applies else "uniform")
 
 
+def speedup(model, vocab_size: int, params: Params) -> dict:
+    """A structurally smaller model's prefill and decode tokens/s against the dense model's,
+    timed side by side in this process as evaluate.speed says (a masked model of the dense
+    shape runs as fast as the dense one, so only structured rows are timed)."""
+    s = params.evaluate.speed
+    timed = measure_speed({"dense": lambda: load_model(DENSE), "pruned": model}, vocab_size,
+                          s.prompt_len, s.new_tokens, tuple(s.batch_sizes), s.repeats,
+                          bf16_enabled(params.evaluate.bf16))
+    report = {"settings": timed["settings"]}
+    for b in s.batch_sizes:
+        dense, pruned = timed["dense"][f"batch_{b}"], timed["pruned"][f"batch_{b}"]
+        report[f"batch_{b}"] = {
+            "prefill_speedup": pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            "decode_speedup": pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+            "dense": dense, "pruned": pruned}
+    return report
+
+
 def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
     cfg = row_mask_params(params, criterion, pattern)
@@ -55,8 +85,10 @@ def run(params: Params, stage: Stage) -> dict:
     stats = load_stats(STATS)
     modules = dict(dense.named_modules())
     shapes = {name: modules[name].weight.shape for name in stats}
+    started = time.perf_counter()
     pruned = prune(dense, stats, cfg, params.seed, load_stats_info(STATS)["calibration_blocks"])
     model = apply_pruning(dense, pruned)
+    prune_seconds = time.perf_counter() - started
     tokenizer = load_tokenizer(DENSE)
     ood = ood_streams(tokenizer, params)
 
@@ -73,10 +105,20 @@ def run(params: Params, stage: Stage) -> dict:
 
     row = {"criterion": criterion, "pattern": pattern, "scope": cfg.scope,
            "allocation": cfg.allocation,
-           "sparsity_asked": cfg.sparsity, **scores(model)}
+           "sparsity_asked": cfg.sparsity, "prune_seconds": prune_seconds, **scores(model)}
+    if pruned.smaller is not None and params.evaluate.speed.enabled:
+        row["speed"] = speedup(model, len(tokenizer), params)
+    # A structurally smaller model has nothing left to mask.
+    masks = {} if pruned.smaller is not None else pruned.masks
+    if cfg.reconstruct.steps:
+        # `dense` now holds the pruned weights: the teacher is loaded afresh.
+        blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
+                                    params.gradients.calibration_blocks, params.seed)
+        done = reconstruct(load_model(DENSE), model, masks, blocks, cfg, params.seed)
+        row["reconstructed"] = {**{k: v for k, v in done.items() if k != "layers"},
+                                **scores(model)}
     if params.compare.finetune:
-        # A structurally smaller model has nothing left to mask.
-        masks = {} if pruned.smaller is not None else pruned.masks
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gradprune-compare-") as folder:
             runs = Path(folder)
             record = finetune_runs(params, runs, lambda: copy.deepcopy(model), masks)
@@ -84,6 +126,10 @@ def run(params: Params, stage: Stage) -> dict:
                                   lambda c: runs / f"run-{c['run']}" / c["file"],
                                   read_blocks(DATA / "prepare" / "val.parquet"))
         row["finetuned"] = {**finetune_summary(record), "average": params.average.method,
+                            "seconds": time.perf_counter() - started,
+                            "tokens": sum(r["steps"] for r in record["runs"])
+                            * params.finetune.batch_size * params.finetune.grad_accum
+                            * params.data.block_size,
                             "merged_val_loss": merged["merged_val_loss"], **scores(model)}
     return row
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from gradprune.config import Params
-from gradprune.data import read_blocks
+from gradprune.data import calibration_blocks, read_blocks
 from gradprune.io import atomic_dir
 from gradprune.models.llama import bf16_enabled, load_model, prunable_linears
 from gradprune.pruning.stats import collect_gradient_stats, save_stats
@@ -19,15 +17,6 @@ from gradprune.training.parallel import is_main_process
 from tasks.stage import DATA, Stage, stage_main
 
 OUT = DATA / "gradients"
-
-
-def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """A seeded sample of training blocks: calibration never sees validation or test text."""
-    if count > len(train_blocks):
-        raise ValueError(f"gradients.calibration_blocks={count} exceeds the {len(train_blocks)} "
-                         "training blocks; lower it or use a larger corpus")
-    pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
-    return train_blocks[pick[:count].sort().values]
 
 
 def run(params: Params, stage: Stage) -> dict:

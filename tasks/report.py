@@ -17,11 +17,13 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
     the evaluate.ood_texts, one perplexity column each."""
     generated = any("exact_match" in r for r in rows.values())
     timed = any(name in speed for name in rows)
+    sped = any("speed" in c for c in compared)
     header = ["model", "test ppl", *[f"{name} ppl" for name in ood],
               *(["exact match"] if generated else []),
               *[f"{t} acc/acc_n" for t in tasks], *(["avg acc"] if tasks else []), "sparsity",
               "params", "non-zero", "dense MB", "sparse MB",
-              *(["decode tok/s (b1)"] if timed else [])]
+              *(["decode tok/s (b1)"] if timed else []),
+              *(["prefill/decode speedup"] if sped else [])]
     body = []
     for name, r in rows.items():
         decode = speed.get(name, {}).get("batch_1", {}).get("decode_tokens_per_s")
@@ -32,10 +34,13 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
             *([f"{r['average_acc']:.3f}"] if tasks else []), f"{r['sparsity']:.3f}",
             f"{r['parameters']:,}", f"{r['nonzero']:,}",
             f"{r['bytes']['dense_export'] / 1e6:.1f}", f"{r['bytes']['sparse_export'] / 1e6:.1f}",
-            *([f"{decode:.0f}" if decode else "-"] if timed else [])])
+            *([f"{decode:.0f}" if decode else "-"] if timed else []),
+            *(["-"] if sped else [])])
     for c in compared:
         name = f"{c['criterion']} {c['pattern']}"
         scorings = [(f"{name} (no fine-tuning)", c)]
+        if "reconstructed" in c:
+            scorings.append((f"{name} (block reconstruction)", c["reconstructed"]))
         if "finetuned" in c:
             scorings.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
         for label, r in scorings:
@@ -49,8 +54,17 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
                          *([f"{r['average_acc']:.3f}" if "average_acc" in r else "-"]
                            if tasks else []),
                          f"{r['sparsity']:.3f}", f"{r['parameters']:,}", f"{r['nonzero']:,}",
-                         "-", "-", *(["-"] if timed else [])])
+                         "-", "-", *(["-"] if timed else []),
+                         *([_speedup(c.get("speed"))] if sped else [])])
     return header, body
+
+
+def _speedup(speed: dict | None) -> str:
+    """A compare row's prefill/decode speedup over dense at its smallest timed batch size."""
+    if not speed:
+        return "-"
+    first = speed[f"batch_{min(speed['settings']['batch_sizes'])}"]
+    return f"{first['prefill_speedup']:.2f}x/{first['decode_speedup']:.2f}x"
 
 
 def _caption(params: Params, context: int, stride: int) -> list[str]:

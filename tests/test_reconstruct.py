@@ -139,3 +139,60 @@ def test_a_structurally_smaller_model_is_reconstructed_whole():
     records = reconstruct_decoder(dense, smaller, {}, blocks, steps=30, lr=3e-3, batch_size=4,
                                   bf16=False)
     assert all(r["error_after"] < r["error_before"] for r in records)
+
+
+def test_reconstruct_pruned_stores_the_tuned_weights_and_leaves_dense_alone():
+    from gradprune.config import MaskParams
+    from gradprune.config.schema import ReconstructParams
+    from gradprune.pruning.prune import apply_pruning, prune, reconstruct_pruned
+
+    dense, blocks = _model(), _blocks()
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    stats = {name: {} for name, m in dense.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
+    cfg = MaskParams(criterion="magnitude", sparsity=0.5, scope="per_layer",
+                     reconstruct=ReconstructParams(steps=20, lr=3e-3, batch_size=4, bf16="off"))
+    pruned = prune(dense, stats, cfg, seed=0, n_blocks=1)
+    report = reconstruct_pruned(dense, pruned, blocks, cfg, seed=0)
+    assert all(torch.equal(v, dense_state[k]) for k, v in dense.state_dict().items())
+    assert set(pruned.new_weights) == set(pruned.masks)
+    assert report["mean_error_after"] < report["mean_error_before"]
+    assert len(report["layers"]) == 2 and report["calibration_blocks"] == len(blocks)
+    model = apply_pruning(copy.deepcopy(dense), pruned)
+    modules = dict(model.named_modules())
+    for name, mask in pruned.masks.items():
+        assert torch.equal(modules[name].weight, pruned.new_weights[name])
+        assert int(torch.count_nonzero(modules[name].weight[~mask])) == 0
+
+
+@pytest.mark.parametrize("masks, key, message", [
+    ({"reconstruct": {"steps": -1}}, "masks.reconstruct.steps", "must be at least 0"),
+    ({"reconstruct": {"lr": 0}}, "masks.reconstruct.lr", "must be positive"),
+    ({"reconstruct": {"batch_size": 0}}, "masks.reconstruct.batch_size", "must be at least 1"),
+])
+def test_bad_reconstruct_params_name_the_key(masks, key, message):
+    from gradprune.config import ParamError, params_from_dict
+
+    with pytest.raises(ParamError) as info:
+        params_from_dict({"masks": masks})
+    assert info.value.key == key and message in str(info.value)
+
+
+def test_report_shows_the_reconstructed_scoring_and_structured_speedups():
+    from tasks.report import report_table
+
+    row = {"perplexity_test": 10.0, "tasks": {}, "sparsity": 0.0, "parameters": 10, "nonzero": 10,
+           "bytes": {"dense_export": 1e6, "sparse_export": 1e6}}
+    base = {"sparsity": 0.5, "parameters": 5, "nonzero": 5}
+    compared = [{"criterion": "wanda", "pattern": "structured", "test_perplexity": 30.0, **base,
+                 "speed": {"settings": {"batch_sizes": [8, 1]},
+                           "batch_1": {"prefill_speedup": 1.456, "decode_speedup": 1.2},
+                           "batch_8": {"prefill_speedup": 2.0, "decode_speedup": 2.0}},
+                 "reconstructed": {"test_perplexity": 20.0, **base}}]
+    header, body = report_table((), {"dense": row}, compared, {})
+    assert header[-1] == "prefill/decode speedup"
+    assert [r[0] for r in body] == ["dense", "wanda structured (no fine-tuning)",
+                                    "wanda structured (block reconstruction)"]
+    assert [r[1] for r in body] == ["10.00", "30.00", "20.00"]
+    # Recovery keeps the shapes, so the row's speedup holds for every scoring of it.
+    assert [r[-1] for r in body] == ["-", "1.46x/1.20x", "1.46x/1.20x"]

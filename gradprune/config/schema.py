@@ -266,6 +266,22 @@ class OwlParams:
 
 
 @dataclass(frozen=True)
+class ReconstructParams:
+    # After pruning, each decoder layer's kept weights are tuned (mask fixed) for `steps` Adam
+    # steps of batch_size calibration blocks to reproduce the dense layer's outputs
+    # (gradprune.pruning.reconstruct); 0 turns it off.
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4
+    bf16: BF16 = "auto"
+
+    def check(self) -> None:
+        _require(self.steps >= 0, "masks.reconstruct.steps", "must be at least 0 (0: off)")
+        _require(self.lr > 0, "masks.reconstruct.lr", "must be positive")
+        _require(self.batch_size >= 1, "masks.reconstruct.batch_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class MaskParams:
     criterion: Literal[CRITERIA] = "gradient"
     # gradient: mean = |E[g]| (the seed), abs_mean = E|g|, rms = sqrt(E[g^2]);
@@ -288,6 +304,7 @@ class MaskParams:
     # pruned less, the mean kept at masks.sparsity (unstructured, per_layer/per_row or sparsegpt).
     allocation: Literal[ALLOCATIONS] = "uniform"
     owl: OwlParams = field(default_factory=OwlParams)
+    reconstruct: ReconstructParams = field(default_factory=ReconstructParams)
 
     def check(self) -> None:
         if (self.tau is None) == (self.sparsity is None):
@@ -323,6 +340,7 @@ class MaskParams:
         self.structured.check()
         self.sparsegpt.check()
         self.owl.check()
+        self.reconstruct.check()
         if self.allocation == "owl":
             self._check_owl(pattern)
 
@@ -567,6 +585,9 @@ class Params:
         from fnmatch import fnmatchcase
 
         allowed = "'unstructured' or 'N:M' (e.g. '2:4'); 'structured' is LLaMA-only"
+        _require(self.masks.reconstruct.steps == 0, "masks.reconstruct.steps",
+                 "block-wise reconstruction walks a LLaMA decoder's layers: set it to 0 with "
+                 "model.arch seq2seq")
         _require(parse_pattern(self.masks.pattern) != "structured", "masks.pattern",
                  f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
         for i, pattern in enumerate(self.compare.patterns):

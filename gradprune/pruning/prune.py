@@ -8,7 +8,9 @@ fine-tuning starts from and the masks it must enforce.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
-from gradprune.models.llama import load_model
+from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.allocation import owl_targets
 from gradprune.pruning.criteria import scores_for
 from gradprune.pruning.masks import (
@@ -29,6 +31,7 @@ from gradprune.pruning.masks import (
     sparsity_report,
     sparsity_targets,
 )
+from gradprune.pruning.reconstruct import reconstruct_decoder
 from gradprune.pruning.sparsegpt import sparsegpt_prune_layers
 from gradprune.pruning.structured import (
     select_structures,
@@ -112,6 +115,35 @@ def apply_pruning(model: nn.Module, pruned: Pruned) -> nn.Module:
             modules[name].weight.copy_(weight)
     apply_masks(model, pruned.masks)
     return model
+
+
+def reconstruct(dense: nn.Module, model: nn.Module, masks: dict[str, torch.Tensor],
+                blocks: torch.Tensor, cfg: MaskParams, seed: int) -> dict:
+    """Block-wise reconstruction of the pruned `model` (in place) against `dense` on the
+    calibration `blocks`, as masks.reconstruct says; returns what it did per layer."""
+    r = cfg.reconstruct
+    started = time.perf_counter()
+    layers = reconstruct_decoder(dense, model, masks, blocks, steps=r.steps, lr=r.lr,
+                                 batch_size=r.batch_size, bf16=bf16_enabled(r.bf16), seed=seed)
+    return {"steps_per_layer": r.steps, "lr": r.lr, "batch_size": r.batch_size,
+            "calibration_blocks": len(blocks), "seconds": time.perf_counter() - started,
+            "mean_error_before": sum(x["error_before"] for x in layers) / len(layers),
+            "mean_error_after": sum(x["error_after"] for x in layers) / len(layers),
+            "layers": layers}
+
+
+def reconstruct_pruned(dense: nn.Module, pruned: Pruned, blocks: torch.Tensor, cfg: MaskParams,
+                       seed: int) -> dict:
+    """`reconstruct` for what `prune` returned: the smaller model is tuned in place; otherwise
+    the tuned weights of every masked Linear become `pruned.new_weights`. `dense` is left as
+    it is."""
+    if pruned.smaller is not None:
+        return reconstruct(dense, pruned.smaller, {}, blocks, cfg, seed)
+    model = apply_pruning(copy.deepcopy(dense), pruned)
+    report = reconstruct(dense, model, pruned.masks, blocks, cfg, seed)
+    modules = dict(model.named_modules())
+    pruned.new_weights = {name: modules[name].weight.detach().clone() for name in pruned.masks}
+    return report
 
 
 def save_pruned(folder: Path, pruned: Pruned) -> None:
