@@ -93,7 +93,7 @@ def _caption(params: Params, context: int, stride: int) -> list[str]:
         + (f" and the first {tasks.max_tokens or 'all'} tokens of each out-of-domain text "
            f"({', '.join(tasks.ood_texts)}: packaged paragraphs joined by blank lines, see "
            "gradprune.data.ood_documents), which no stage trains or calibrates on"
-           if tasks.ood_texts else "") + ". Zero-shot: first {tasks.limit or 'all'} "
+           if tasks.ood_texts else "") + f". Zero-shot: first {tasks.limit or 'all'} "
         "questions per task (validation splits), acc / acc_norm as lm-evaluation-harness "
         "computes them. Sparsity is over the prunable Linears; dense/sparse MB are the sizes of "
         "a plain safetensors export and of the bitmask + values export.",

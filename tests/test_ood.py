@@ -96,3 +96,15 @@ def test_report_table_has_a_column_per_ood_text_for_models_and_compare_rows():
     assert header[:3] == ["model", "test ppl", "wikipedia ppl"]
     assert body[0][:3] == ["dense", "10.00", "20.00"]
     assert body[1][:3] == ["wanda unstructured (no fine-tuning)", "11.00", "25.50"]
+
+
+def test_report_caption_states_the_ood_protocol_and_keeps_the_zero_shot_limit():
+    from tasks.report import markdown_report
+
+    params = params_from_dict({"evaluate": {"ood_texts": ["wikipedia"], "max_tokens": 4096}})
+    text = markdown_report(params, 256, 128, (["model"], []), {})
+    assert ("over the first 4096 test tokens and the first 4096 tokens of each out-of-domain "
+            "text (wikipedia:") in text
+    assert "Zero-shot: first 200 questions per task" in text
+    plain = markdown_report(params_from_dict({}), 256, 128, (["model"], []), {})
+    assert "test tokens. Zero-shot: first 200 questions" in plain
