@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
+from gradprune.config.schema import split_row_pattern
 from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.evaluation.speed import measure_speed
@@ -41,13 +42,17 @@ DENSE = DATA / "train" / "model"
 
 
 def row_mask_params(params: Params, criterion: str, pattern: str):
-    """masks.* with this row's criterion, pattern and scope; N:M rows take their own sparsity.
+    """masks.* with this row's criterion, pattern and scope; N:M rows take their own sparsity,
+    a pattern such as 'structured=0.25' the sparsity it names.
     masks.allocation owl reaches the rows it applies to (unstructured, and a per_layer or
     per_row scope or sparsegpt); the others, such as a global selection that spreads its
     budget over the layers by itself, stay uniform."""
+    pattern, named = split_row_pattern(pattern, "--pattern")
     shape = parse_pattern(pattern, "--pattern")
     sparsity = params.compare.sparsity if params.compare.sparsity is not None \
         else params.masks.sparsity
+    if named is not None:
+        sparsity = named
     if isinstance(shape, tuple):
         sparsity = 1 - shape[0] / shape[1]
     scope = params.compare.scopes.get(criterion, params.masks.scope)

@@ -226,6 +226,24 @@ def parse_pattern(pattern: str, key: str = "masks.pattern") -> tuple[int, int] |
     raise ParamError(key, f"got {pattern!r}; allowed: {PATTERN_HELP}, with 0 < N < M")
 
 
+def split_row_pattern(pattern: str, key: str) -> tuple[str, float | None]:
+    """A compare row's pattern and the sparsity it names: 'structured=0.25' gives
+    ('structured', 0.25), a plain pattern (None). N:M patterns fix their own sparsity."""
+    base, sep, value = pattern.partition("=")
+    shape = parse_pattern(base, key)
+    if not sep:
+        return base, None
+    try:
+        sparsity = float(value)
+    except ValueError:
+        sparsity = -1.0
+    _require(0 <= sparsity < 1, key, f"got {pattern!r}: the sparsity after '=' must be a number "
+             "in [0, 1), e.g. 'structured=0.25'")
+    _require(not isinstance(shape, tuple), key,
+             f"got {pattern!r}: an N:M pattern fixes its sparsity; drop '={value}'")
+    return base, sparsity
+
+
 @dataclass(frozen=True)
 class StructuredParams:
     # Fractions of FFN channels and of attention head groups (a KV head with its query heads)
@@ -521,9 +539,9 @@ class CompareParams:
         for i, criterion in enumerate(self.criteria):
             _require(criterion in CRITERIA, f"compare.criteria[{i}]",
                      f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
-        for i, pattern in enumerate(self.patterns):
-            parse_pattern(pattern, f"compare.patterns[{i}]")
-        _require(not ("sparsegpt" in self.criteria and "structured" in self.patterns),
+        bases = [split_row_pattern(pattern, f"compare.patterns[{i}]")[0]
+                 for i, pattern in enumerate(self.patterns)]
+        _require(not ("sparsegpt" in self.criteria and "structured" in bases),
                  "compare.patterns", "sparsegpt has no structured form; drop one of the two")
         _require(self.sparsity is None or 0 <= self.sparsity < 1, "compare.sparsity",
                  "must be null (masks.sparsity) or in [0, 1)")
@@ -591,7 +609,7 @@ class Params:
         _require(parse_pattern(self.masks.pattern) != "structured", "masks.pattern",
                  f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
         for i, pattern in enumerate(self.compare.patterns):
-            _require(parse_pattern(pattern, f"compare.patterns[{i}]") != "structured",
+            _require(split_row_pattern(pattern, f"compare.patterns[{i}]")[0] != "structured",
                      f"compare.patterns[{i}]",
                      f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
         _require(any(fnmatchcase(name, p) for name in SEQ2SEQ_LINEAR_EXAMPLES

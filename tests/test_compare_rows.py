@@ -1,0 +1,42 @@
+"""Compare rows: a pattern may name its own sparsity ('structured=0.25'), so structured 25%
+and 50% rows sit side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradprune.config import ParamError, params_from_dict
+from gradprune.config.schema import split_row_pattern
+from tasks.compare import row_mask_params
+
+
+def test_a_row_pattern_may_name_its_sparsity():
+    assert split_row_pattern("structured=0.25", "k") == ("structured", 0.25)
+    assert split_row_pattern("unstructured=0.6", "k") == ("unstructured", 0.6)
+    assert split_row_pattern("2:4", "k") == ("2:4", None)
+    params = params_from_dict({"masks": {"criterion": "wanda"},
+                               "compare": {"criteria": ["wanda"],
+                                           "patterns": ["structured=0.25", "structured", "2:4"]}})
+    quarter = row_mask_params(params, "wanda", "structured=0.25")
+    assert (quarter.pattern, quarter.sparsity) == ("structured", 0.25)
+    half = row_mask_params(params, "wanda", "structured")
+    assert (half.pattern, half.sparsity) == ("structured", 0.5)
+    assert row_mask_params(params, "wanda", "2:4").sparsity == 0.5
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("structured=1.5", "must be a number in [0, 1)"),
+    ("structured=half", "must be a number in [0, 1)"),
+    ("2:4=0.5", "an N:M pattern fixes its sparsity"),
+    ("blocks=0.5", "allowed: 'unstructured', 'N:M'"),
+])
+def test_bad_row_patterns_name_the_key(pattern, message):
+    with pytest.raises(ParamError) as info:
+        params_from_dict({"compare": {"criteria": ["wanda"], "patterns": [pattern]}})
+    assert info.value.key == "compare.patterns[0]"
+    assert message in str(info.value)
+
+
+def test_sparsegpt_still_refuses_a_structured_row_with_a_sparsity():
+    with pytest.raises(ParamError, match="sparsegpt has no structured form"):
+        params_from_dict({"compare": {"criteria": ["sparsegpt"], "patterns": ["structured=0.25"]}})
