@@ -1,8 +1,10 @@
 """Print the results tables of a finished pipeline run as Markdown (docs/RESULTS.md holds one).
 
 Every number is read from the run's metrics files: metrics/evaluate.json (the dense and the final
-model), metrics/compare/*.json (one row per criterion x pattern, before and after fine-tuning
-when compare.finetune was on) and each stage's seconds and peak memory. Run it in the
+model), metrics/compare/*.json (one row per criterion x pattern: one-shot, after block
+reconstruction when masks.reconstruct was on, after fine-tuning when compare.finetune was on;
+the perplexity of each evaluate.ood_texts text beside the test split's; what each recovery
+cost; a structured row's prefill/decode speedup) and each stage's seconds and peak memory. Run it in the
 repository (or the experiment's workspace) that made them:
 
     python scripts/results_table.py [--preset presets/smollm2.yaml] > table.md
@@ -28,6 +30,15 @@ def accuracy_cells(row: dict) -> list[str]:
     return cells + [f"{row['average_acc']:.3f}" if "average_acc" in row else "-"]
 
 
+def speedup(speed: dict | None) -> str:
+    """A structured row's prefill and decode speedup over dense at batch size 1 (or the
+    smallest timed)."""
+    if not speed:
+        return "-"
+    timed = speed[f"batch_{min(speed['settings']['batch_sizes'])}"]
+    return f"{timed['prefill_speedup']:.2f}x / {timed['decode_speedup']:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metrics", default="metrics", help="the run's metrics folder")
@@ -35,33 +46,59 @@ def main() -> None:
     args = parser.parse_args()
     metrics = Path(args.metrics)
     evaluate = json.loads((metrics / "evaluate.json").read_text())
-    rows = sorted((json.loads(p.read_text()) for p in (metrics / "compare").glob("*.json")),
-                  key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
-                                 CRITERIA.index(r["criterion"])))
+    every_row = sorted((json.loads(p.read_text()) for p in (metrics / "compare").glob("*.json")),
+                       key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
+                                      CRITERIA.index(r["criterion"])))
+    # A row the matrix holds but that has nothing to measure (sparsegpt x structured).
+    rows = [r for r in every_row if "not_applicable" not in r]
     exp = "gradprune exp" + (f" --preset {args.preset}" if args.preset else "")
+    ood = list(evaluate.get("ood_tokens_scored", {}))
+    dense = evaluate["models"]["dense"]
 
-    header = ["model", "sparsity", "test ppl", *[SHORT[t] for t in TASKS], "avg", "command"]
+    header = ["model", "sparsity", "test ppl (x dense)", *[f"{o} ppl (x dense)" for o in ood],
+              *[SHORT[t] for t in TASKS], "avg", "recovery cost", "prefill/decode x",
+              "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
-    def line(name: str, row: dict, ppl: float, command: str) -> None:
-        lines.append("| " + " | ".join([name, f"{row['sparsity']:.3f}", f"{ppl:.2f}",
-                                         *accuracy_cells(row), f"`{command}`"]) + " |")
+    def line(name: str, row: dict, perplexities: list[float], command: str, cost: str = "-",
+             speed: dict | None = None) -> None:
+        ratios = [f"{p:.2f} ({p / d:.2f}x)" for p, d in zip(perplexities, dense_perplexities)]
+        lines.append("| " + " | ".join([name, f"{row['sparsity']:.3f}", *ratios,
+                                         *accuracy_cells(row), cost, speedup(speed),
+                                         f"`{command}`"]) + " |")
 
-    dense = evaluate["models"]["dense"]
-    line("dense", dense, dense["perplexity_test"], f"{exp} evaluate")
+    def model_perplexities(row: dict) -> list[float]:
+        return [row["perplexity_test"], *[row[f"perplexity_{o}"] for o in ood]]
+
+    def row_perplexities(row: dict) -> list[float]:
+        return [row["test_perplexity"], *[row[f"{o}_perplexity"] for o in ood]]
+
+    dense_perplexities = model_perplexities(dense)
+    line("dense", dense, dense_perplexities, f"{exp} evaluate")
     for r in rows:
         # SparseGPT chooses within rows whatever masks.scope says; N:M within groups of M.
         scoped = r["pattern"] == "unstructured" and r["criterion"] != "sparsegpt"
         name = f"{r['criterion']} ({r['scope']})" if scoped else r["criterion"]
+        if r.get("allocation", "uniform") != "uniform":
+            name += f", {r['allocation']}"
         command = f"{exp} compare@{r['criterion']}-{r['pattern']}"
-        line(f"{name}, {r['pattern']}", r, r["test_perplexity"], command)
+        speed = r.get("speed")
+        line(f"{name}, {r['pattern']}", r, row_perplexities(r), command,
+             f"{r.get('prune_seconds', 0):.0f} s pruning", speed)
+        if "reconstructed" in r:
+            b = r["reconstructed"]
+            line(f"{name}, {r['pattern']}, block reconstruction", b, row_perplexities(b),
+                 command, f"{b['seconds']:.0f} s, {b['steps_per_layer']} steps x "
+                 f"{b['batch_size']} blocks a layer", speed)
         if "finetuned" in r:
             f = r["finetuned"]
-            line(f"{name}, {r['pattern']}, fine-tuned + {f['average']}", f,
-                 f["test_perplexity"], command)
+            cost = f"{f['tokens']:,} tokens, {f['seconds']:.0f} s" if "tokens" in f else "-"
+            line(f"{name}, {r['pattern']}, "
+                 f"{'reconstruction + ' if 'reconstructed' in r else ''}fine-tuned + "
+                 f"{f['average']}", f, row_perplexities(f), command, cost, speed)
     final = evaluate["models"]["averaged"]
     line(f"final model ({evaluate['criterion']} {evaluate['pattern']}, the main path)", final,
-         final["perplexity_test"], f"{exp}")
+         model_perplexities(final), f"{exp}")
     print("\n".join(lines))
 
     print("\n| stage | seconds | peak RSS (GB) |\n| --- | ---: | ---: |")
@@ -70,7 +107,7 @@ def main() -> None:
         m = json.loads((metrics / f"{stage}.json").read_text())
         total += m["seconds"]
         print(f"| {stage} | {m['seconds']:.0f} | {m['peak_rss_mb'] / 1024:.1f} |")
-    for r in rows:
+    for r in every_row:
         total += r["seconds"]
         print(f"| compare@{r['criterion']}-{r['pattern']} | {r['seconds']:.0f} | "
               f"{r['peak_rss_mb'] / 1024:.1f} |")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from gradprune.config import Params, parse_pattern
-from gradprune.config.schema import split_row_pattern
+from gradprune.config.schema import row_not_applicable, split_row_pattern
 from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.evaluation.speed import measure_speed
@@ -85,6 +85,9 @@ def speedup(model, vocab_size: int, params: Params) -> dict:
 
 def run(params: Params, stage: Stage) -> dict:
     criterion, pattern = stage.args.criterion, stage.args.pattern
+    reason = row_not_applicable(criterion, pattern)
+    if reason is not None:
+        return {"criterion": criterion, "pattern": pattern, "not_applicable": reason}
     cfg = row_mask_params(params, criterion, pattern)
     dense = load_model(DENSE)
     stats = load_stats(STATS)

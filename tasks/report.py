@@ -37,6 +37,8 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
             *([f"{decode:.0f}" if decode else "-"] if timed else []),
             *(["-"] if sped else [])])
     for c in compared:
+        if "not_applicable" in c:  # e.g. sparsegpt x structured: nothing was measured
+            continue
         name = f"{c['criterion']} {c['pattern']}"
         scorings = [(f"{name} (no fine-tuning)", c)]
         if "reconstructed" in c:

@@ -37,6 +37,18 @@ def test_bad_row_patterns_name_the_key(pattern, message):
     assert message in str(info.value)
 
 
-def test_sparsegpt_still_refuses_a_structured_row_with_a_sparsity():
-    with pytest.raises(ParamError, match="sparsegpt has no structured form"):
-        params_from_dict({"compare": {"criteria": ["sparsegpt"], "patterns": ["structured=0.25"]}})
+def test_a_matrix_may_pair_sparsegpt_with_structured_rows_which_record_why_they_are_empty():
+    from gradprune.config.schema import row_not_applicable
+    from tasks.report import report_table
+
+    params_from_dict({"compare": {"criteria": ["sparsegpt", "wanda"],
+                                  "patterns": ["structured=0.25", "2:4"]}})
+    assert row_not_applicable("sparsegpt", "structured=0.25") == "sparsegpt has no structured form"
+    assert row_not_applicable("sparsegpt", "2:4") is None
+    assert row_not_applicable("wanda", "structured") is None
+    row = {"perplexity_test": 10.0, "tasks": {}, "sparsity": 0.0, "parameters": 1, "nonzero": 1,
+           "bytes": {"dense_export": 1e6, "sparse_export": 1e6}}
+    skipped = {"criterion": "sparsegpt", "pattern": "structured",
+               "not_applicable": "sparsegpt has no structured form"}
+    _, body = report_table((), {"dense": row}, [skipped], {})
+    assert [r[0] for r in body] == ["dense"]

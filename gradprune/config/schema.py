@@ -519,6 +519,15 @@ class EvaluateParams:
         self.speed.check()
 
 
+def row_not_applicable(criterion: str, pattern: str) -> str | None:
+    """Why a compare row (criterion x pattern of the matrix) has nothing to measure, or None.
+    Such a row records the reason instead of a measurement, so one matrix can hold criteria
+    that have no structured form beside structured patterns."""
+    if criterion == "sparsegpt" and split_row_pattern(pattern, "--pattern")[0] == "structured":
+        return "sparsegpt has no structured form"
+    return None
+
+
 @dataclass(frozen=True)
 class CompareParams:
     # Every criterion x pattern is pruned from the same statistics and scored before
@@ -539,10 +548,8 @@ class CompareParams:
         for i, criterion in enumerate(self.criteria):
             _require(criterion in CRITERIA, f"compare.criteria[{i}]",
                      f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
-        bases = [split_row_pattern(pattern, f"compare.patterns[{i}]")[0]
-                 for i, pattern in enumerate(self.patterns)]
-        _require(not ("sparsegpt" in self.criteria and "structured" in bases),
-                 "compare.patterns", "sparsegpt has no structured form; drop one of the two")
+        for i, pattern in enumerate(self.patterns):
+            split_row_pattern(pattern, f"compare.patterns[{i}]")
         _require(self.sparsity is None or 0 <= self.sparsity < 1, "compare.sparsity",
                  "must be null (masks.sparsity) or in [0, 1)")
 
