@@ -10,6 +10,8 @@ writes it as JSON beside it.
     cd <workspace with data/prepare, data/train, data/gradients and its params.yaml>
     python <repo>/benchmarks/recovery_levers.py --criteria sparsegpt wanda \\
         --reconstruct-steps 16 --out recovery_levers.json
+    python <repo>/benchmarks/recovery_levers.py --criteria gblm fisher --allocations uniform \\
+        --scopes global per_layer per_row --reconstruct-steps 0     # the best scope, one-shot
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--criteria", nargs="+", default=["sparsegpt", "wanda"])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "owl"])
+    parser.add_argument("--scopes", nargs="+",
+                        help="score each criterion at each of these scopes (default: its "
+                             "published one); owl skips global")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--reconstruct-steps", type=int, default=16)
     parser.add_argument("--reconstruct-lr", type=float, default=1e-4)
@@ -64,29 +69,34 @@ def main() -> None:
     dense = load_model(DENSE)
     rows = [{"recipe": "dense", **scores(dense), "seconds": 0.0}]
     print(rows[0], flush=True)
-    for criterion in args.criteria:
-        for allocation in args.allocations:
-            cfg = with_overrides(
-                params.masks, criterion=criterion, sparsity=args.sparsity, tau=None,
-                pattern="unstructured", overrides={}, allocation=allocation,
-                scope=SCOPES.get(criterion, "per_layer"), variant="mean",
-                reconstruct=dataclasses.replace(params.masks.reconstruct,
-                                                steps=args.reconstruct_steps,
-                                                lr=args.reconstruct_lr))
-            started = time.perf_counter()
-            pruned = prune(dense, stats, cfg, params.seed, n_blocks)
-            model = apply_pruning(copy.deepcopy(dense), pruned)
-            seconds = time.perf_counter() - started
-            name = f"{criterion} {args.sparsity:.0%} {allocation}"
-            rows.append({"recipe": f"{name}, one-shot", **scores(model), "seconds": seconds})
-            print(rows[-1], flush=True)
-            done = reconstruct(dense, model, pruned.masks, blocks, cfg, params.seed)
-            rows.append({"recipe": f"{name} + reconstruction ({args.reconstruct_steps} steps "
-                                   f"x {cfg.reconstruct.batch_size} blocks per layer)",
-                         **scores(model), "seconds": seconds + done["seconds"],
-                         "error_before": done["mean_error_before"],
-                         "error_after": done["mean_error_after"]})
-            print(rows[-1], flush=True)
+    recipes = [(criterion, allocation, scope) for criterion in args.criteria
+               for allocation in args.allocations
+               for scope in (args.scopes or [SCOPES.get(criterion, "per_layer")])
+               if not (allocation == "owl" and scope == "global" and criterion != "sparsegpt")]
+    for criterion, allocation, scope in recipes:
+        cfg = with_overrides(
+            params.masks, criterion=criterion, sparsity=args.sparsity, tau=None,
+            pattern="unstructured", overrides={}, allocation=allocation,
+            scope=scope, variant="mean",
+            reconstruct=dataclasses.replace(params.masks.reconstruct,
+                                            steps=args.reconstruct_steps,
+                                            lr=args.reconstruct_lr))
+        started = time.perf_counter()
+        pruned = prune(dense, stats, cfg, params.seed, n_blocks)
+        model = apply_pruning(copy.deepcopy(dense), pruned)
+        seconds = time.perf_counter() - started
+        name = f"{criterion} ({scope}) {args.sparsity:.0%} {allocation}"
+        rows.append({"recipe": f"{name}, one-shot", **scores(model), "seconds": seconds})
+        print(rows[-1], flush=True)
+        if not args.reconstruct_steps:
+            continue
+        done = reconstruct(dense, model, pruned.masks, blocks, cfg, params.seed)
+        rows.append({"recipe": f"{name} + reconstruction ({args.reconstruct_steps} steps "
+                               f"x {cfg.reconstruct.batch_size} blocks per layer)",
+                     **scores(model), "seconds": seconds + done["seconds"],
+                     "error_before": done["mean_error_before"],
+                     "error_after": done["mean_error_after"]})
+        print(rows[-1], flush=True)
 
     domains = ["test", *streams]
     print(f"\ncalibration {len(blocks)} x {blocks.shape[1]} tokens; perplexity over "
