@@ -84,7 +84,7 @@ def main() -> None:
         command = f"{exp} compare@{r['criterion']}-{r['pattern']}"
         speed = r.get("speed")
         line(f"{name}, {r['pattern']}", r, row_perplexities(r), command,
-             f"{r.get('prune_seconds', 0):.0f} s pruning", speed)
+             f"{r['prune_seconds']:.0f} s pruning" if "prune_seconds" in r else "-", speed)
         if "reconstructed" in r:
             b = r["reconstructed"]
             line(f"{name}, {r['pattern']}, block reconstruction", b, row_perplexities(b),
