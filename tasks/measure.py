@@ -1,7 +1,7 @@
 """The measurements that compare rows and the evaluate stage both report, taken the same way
 for both: test perplexity (sliding windows, or target tokens for seq2seq) with its interval,
-and zero-shot accuracy with every question's correctness (a Parquet table, so two rows can be
-compared question by question)."""
+perplexity of the out-of-domain texts, and zero-shot accuracy with every question's
+correctness (a Parquet table, so two rows can be compared question by question)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from gradprune.config import Params
-from gradprune.data import read_blocks
+from gradprune.data import ood_documents, read_blocks
 from gradprune.device import model_device
 from gradprune.evaluation.perplexity import sliding_window_perplexity
 from gradprune.evaluation.statistics import average_interval, compare_models, perplexity_interval
@@ -64,6 +65,26 @@ def test_perplexity(model, params: Params) -> dict:
     context, stride = perplexity_window(params)
     return with_interval(sliding_window_perplexity(model, test_tokens(params), context, stride,
                                                    cfg.batch_size, bf16), params.seed)
+
+
+def ood_streams(tokenizer, params: Params) -> dict[str, torch.Tensor]:
+    """Each evaluate.ood_texts text as one token stream: its paragraphs joined by blank lines,
+    tokenized without special tokens, cut to evaluate.max_tokens like the test split."""
+    limit = params.evaluate.max_tokens
+    streams = {}
+    for name in params.evaluate.ood_texts:
+        ids = tokenizer("\n\n".join(ood_documents(name)), add_special_tokens=False)["input_ids"]
+        streams[name] = torch.tensor(ids if limit is None else ids[:limit])
+    return streams
+
+
+def ood_perplexities(model, streams: dict[str, torch.Tensor], params: Params) -> dict:
+    """Perplexity of each out-of-domain stream, in the test split's sliding windows."""
+    context, stride = perplexity_window(params)
+    bf16 = bf16_enabled(params.evaluate.bf16, model_device(model))
+    return {name: sliding_window_perplexity(model, ids, context, stride,
+                                            params.evaluate.batch_size, bf16)["perplexity"]
+            for name, ids in streams.items()}
 
 
 def with_interval(scored: dict, seed: int) -> dict:

@@ -39,18 +39,22 @@ def _average_cell(row: dict) -> str:
         row.get("average_acc_ci_low"), row.get("average_acc_ci_high"), 3)
 
 
-def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict
-           ) -> tuple[list, list]:
+def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed: dict,
+                 ood: tuple[str, ...] = ()) -> tuple[list, list]:
     """Header and rows of the report's one table (strings); columns of measures that were not
-    taken (exact match of a decoder LM, accuracy without tasks, speed) are left out."""
+    taken (exact match of a decoder LM, accuracy without tasks, speed) are left out. `ood`:
+    the evaluate.ood_texts, one perplexity column each."""
     generated = any("exact_match" in r for r in rows.values())
     timed = any(name in speed for name in rows)
     wikitext = any("perplexity_wikitext" in r for r in rows.values())
+    sped = any("speed" in c for c in compared)
     header = ["model", "test ppl", *(["WikiText-2 ppl"] if wikitext else []),
+              *[f"{name} ppl" for name in ood],
               *(["exact match"] if generated else []),
               *[f"{t} acc/acc_n" for t in tasks], *(["avg acc"] if tasks else []), "sparsity",
               "params", "non-zero", "dense MB", "sparse MB",
-              *(["decode tok/s (b1)"] if timed else [])]
+              *(["decode tok/s (b1)"] if timed else []),
+              *(["prefill/decode speedup"] if sped else [])]
     body = []
     for name, r in rows.items():
         decode = speed.get(name, {}).get("batch_1", {}).get("decode_tokens_per_s")
@@ -60,15 +64,21 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
                                    r.get("perplexity_test_ci_high")),
             *([_perplexity_cell(r["perplexity_wikitext"], r["perplexity_wikitext_ci_low"],
                                 r["perplexity_wikitext_ci_high"])] if wikitext else []),
+            *[f"{r[f'perplexity_{o}']:.2f}" for o in ood],
             *([f"{r['exact_match']:.3f}"] if generated else []),
             *[_task_cell(r["tasks"][t], vs.get(t)) for t in tasks],
             *([_average_cell(r)] if tasks else []), f"{r['sparsity']:.3f}",
             f"{r['parameters']:,}", f"{r['nonzero']:,}",
             f"{r['bytes']['dense_export'] / 1e6:.1f}", f"{r['bytes']['sparse_export'] / 1e6:.1f}",
-            *([f"{decode:.0f}" if decode else "-"] if timed else [])])
+            *([f"{decode:.0f}" if decode else "-"] if timed else []),
+            *(["-"] if sped else [])])
     for c in compared:
+        if "not_applicable" in c:  # e.g. sparsegpt x structured: nothing was measured
+            continue
         name = f"{c['criterion']} {c['pattern']}"
         scorings = [(f"{name} (no fine-tuning)", c)]
+        if "reconstructed" in c:
+            scorings.append((f"{name} (block reconstruction)", c["reconstructed"]))
         if "finetuned" in c:
             scorings.append((f"{name} (fine-tuned, {c['finetuned']['average']})", c["finetuned"]))
         for label, r in scorings:
@@ -77,13 +87,25 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
             body.append([label, _perplexity_cell(r["test_perplexity"],
                                                  r.get("perplexity_ci_low"),
                                                  r.get("perplexity_ci_high")),
-                         *(["-"] if wikitext else []), *(["-"] if generated else []),
+                         *(["-"] if wikitext else []),
+                         *[f"{r[f'{o}_perplexity']:.2f}" if f"{o}_perplexity" in r else "-"
+                           for o in ood],
+                         *(["-"] if generated else []),
                          *[_task_cell(scored[t], vs.get(t)) if t in scored else "-"
                            for t in tasks],
                          *([_average_cell(r)] if tasks else []),
                          f"{r['sparsity']:.3f}", f"{r['parameters']:,}", f"{r['nonzero']:,}",
-                         "-", "-", *(["-"] if timed else [])])
+                         "-", "-", *(["-"] if timed else []),
+                         *([_speedup(c.get("speed"))] if sped else [])])
     return header, body
+
+
+def _speedup(speed: dict | None) -> str:
+    """A compare row's prefill/decode speedup over dense at its smallest timed batch size."""
+    if not speed:
+        return "-"
+    first = speed[f"batch_{min(speed['settings']['batch_sizes'])}"]
+    return f"{first['prefill_speedup']:.2f}x/{first['decode_speedup']:.2f}x"
 
 
 def _caption(params: Params, context: int, stride: int) -> list[str]:
@@ -108,7 +130,11 @@ def _caption(params: Params, context: int, stride: int) -> list[str]:
     return [
         pruned,
         f"Perplexity: sliding windows of {context} tokens, stride {stride}, over the first "
-        f"{tasks.max_tokens or 'all'} test tokens. Zero-shot: {_questions(tasks)} per task "
+        f"{tasks.max_tokens or 'all'} test tokens"
+        + (f" and the first {tasks.max_tokens or 'all'} tokens of each out-of-domain text "
+           f"({', '.join(tasks.ood_texts)}: packaged paragraphs joined by blank lines, see "
+           "gradprune.data.ood_documents), which no stage trains or calibrates on"
+           if tasks.ood_texts else "") + f". Zero-shot: {_questions(tasks)} per task "
         "(validation splits), acc / acc_norm as lm-evaluation-harness computes them. Sparsity is "
         "over the prunable Linears; dense/sparse MB are the sizes of a plain safetensors export "
         "and of the bitmask + values export.",

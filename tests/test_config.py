@@ -105,8 +105,6 @@ def _error(raw: dict) -> ParamError:
     ({"evaluate": {"context": 64, "stride": 65}}, "evaluate.stride",
      "must not exceed evaluate.context (64)"),
     ({"evaluate": {"context": 512}}, "evaluate.context", "must not exceed data.block_size (256)"),
-    ({"compare": {"patterns": ["structured"]}}, "compare.patterns",
-     "sparsegpt has no structured form"),
     ({"compare": {"criteria": ["obs"]}}, "compare.criteria[0]", "got 'obs'"),
     ({"evaluate": {"wikitext": "no/such/wiki.test.txt"}}, "evaluate.wikitext",
      "no/such/wiki.test.txt does not exist; give WikiText-2's test split"),

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Literal
 
 from gradprune.config.choices import (
+    ALLOCATIONS,
     ARCHS,
     AVERAGE_METHODS,
     BF16_MODES,
+    BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT,
     CALIBRATION_MODES,
     CRITERIA,
     DEVICE_PATTERN,
     GRADIENT_VARIANTS,
+    OOD_TEXTS,
     SCOPES,
     SEQUENTIAL_CRITERIA,
     STATISTICS_MODES,
@@ -238,6 +241,24 @@ def parse_pattern(pattern: str, key: str = "masks.pattern") -> tuple[int, int] |
     raise ParamError(key, f"got {pattern!r}; allowed: {PATTERN_HELP}, with 0 < N < M")
 
 
+def split_row_pattern(pattern: str, key: str) -> tuple[str, float | None]:
+    """A compare row's pattern and the sparsity it names: 'structured=0.25' gives
+    ('structured', 0.25), a plain pattern (None). N:M patterns fix their own sparsity."""
+    base, sep, value = pattern.partition("=")
+    shape = parse_pattern(base, key)
+    if not sep:
+        return base, None
+    try:
+        sparsity = float(value)
+    except ValueError:
+        sparsity = -1.0
+    _require(0 <= sparsity < 1, key, f"got {pattern!r}: the sparsity after '=' must be a number "
+             "in [0, 1), e.g. 'structured=0.25'")
+    _require(not isinstance(shape, tuple), key,
+             f"got {pattern!r}: an N:M pattern fixes its sparsity; drop '={value}'")
+    return base, sparsity
+
+
 @dataclass(frozen=True)
 class StructuredParams:
     # Fractions of FFN channels and of attention head groups (a KV head with its query heads)
@@ -266,6 +287,34 @@ class SparseGPTParams:
 
 
 @dataclass(frozen=True)
+class OwlParams:
+    # A score |W_ij| * ||X_j|| above outlier_threshold (OWL's M) times its layer's mean is an
+    # outlier; layer sparsities span 2 * max_deviation (OWL's lambda) around masks.sparsity.
+    outlier_threshold: float = 5.0
+    max_deviation: float = 0.08
+
+    def check(self) -> None:
+        _require(self.outlier_threshold > 0, "masks.owl.outlier_threshold", "must be positive")
+        _require(self.max_deviation > 0, "masks.owl.max_deviation", "must be positive")
+
+
+@dataclass(frozen=True)
+class ReconstructParams:
+    # After pruning, each decoder layer's kept weights are tuned (mask fixed) for `steps` Adam
+    # steps of batch_size calibration blocks to reproduce the dense layer's outputs
+    # (gradprune.pruning.reconstruct); 0 turns it off.
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4
+    bf16: BF16 = "auto"
+
+    def check(self) -> None:
+        _require(self.steps >= 0, "masks.reconstruct.steps", "must be at least 0 (0: off)")
+        _require(self.lr > 0, "masks.reconstruct.lr", "must be positive")
+        _require(self.batch_size >= 1, "masks.reconstruct.batch_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class MaskParams:
     criterion: Literal[CRITERIA] = "gradient"
     # gradient: mean = |E[g]| (the seed), abs_mean = E|g|, rms = sqrt(E[g^2]);
@@ -288,6 +337,11 @@ class MaskParams:
     calibration: Literal[CALIBRATION_MODES] = "one_pass"
     structured: StructuredParams = field(default_factory=StructuredParams)
     sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
+    # uniform: every Linear at its target | owl: decoder layers with more activation outliers
+    # pruned less, the mean kept at masks.sparsity (unstructured, per_layer/per_row or sparsegpt).
+    allocation: Literal[ALLOCATIONS] = "uniform"
+    owl: OwlParams = field(default_factory=OwlParams)
+    reconstruct: ReconstructParams = field(default_factory=ReconstructParams)
 
     def check(self) -> None:
         if (self.tau is None) == (self.sparsity is None):
@@ -328,8 +382,36 @@ class MaskParams:
                      or self.scope != "global", "masks.scope",
                      f"{self.criterion} with masks.calibration sequential prunes one layer at a "
                      "time: scope must be per_layer or per_row (compare rows: compare.scopes)")
+            # Both read the dense model's activations, which layer-by-layer pruning replaces.
+            _require(self.allocation == "uniform", "masks.allocation",
+                     "owl sets layer sparsities from the dense model's outliers before pruning; "
+                     "with masks.calibration sequential use uniform (or calibration one_pass)")
+            _require(self.reconstruct.steps == 0, "masks.reconstruct.steps",
+                     "block reconstruction tunes the pruned layers toward the dense model's "
+                     "outputs; with masks.calibration sequential set it to 0 (or calibration "
+                     "one_pass)")
         self.structured.check()
         self.sparsegpt.check()
+        self.owl.check()
+        self.reconstruct.check()
+        if self.allocation == "owl":
+            self._check_owl(pattern)
+
+    def _check_owl(self, pattern) -> None:
+        key = "masks.allocation"
+        _require(self.sparsity is not None, key, "owl spreads masks.sparsity: set it, not tau")
+        _require(pattern == "unstructured", key,
+                 f"owl sets unstructured layer sparsities; pattern {self.pattern!r} needs "
+                 "'uniform'")
+        _require(not self.overrides, key, "owl and masks.overrides both set per-layer "
+                 "sparsities: use one of them")
+        _require(self.scope != "global" or self.criterion == "sparsegpt", key,
+                 "owl fixes each layer's sparsity, which scope global would spread again: set "
+                 "masks.scope to per_layer or per_row")
+        deviation = 2 * self.owl.max_deviation
+        _require(self.sparsity - deviation >= 0 and self.sparsity + deviation < 1,
+                 "masks.owl.max_deviation", f"layer sparsities may reach masks.sparsity +- "
+                 f"{deviation:g}, outside [0, 1) for sparsity {self.sparsity}; lower it")
 
 
 @dataclass(frozen=True)
@@ -417,6 +499,9 @@ class EvaluateParams:
     # non-overlapping windows of wikitext_context tokens. null: not scored.
     wikitext: str | None = None
     wikitext_context: int = 2048
+    # Packaged text of domains no stage trains or calibrates on (choices.OOD_TEXTS), scored
+    # with the test split's windows and max_tokens: perplexity_<name> in every row.
+    ood_texts: tuple[str, ...] = ()
     batch_size: int = 8
     bf16: BF16 = "auto"
     # Zero-shot multiple choice, scored as lm-evaluation-harness does; a .jsonl path adds a
@@ -449,6 +534,22 @@ class EvaluateParams:
                  ".arrow or a Hugging Face datasets folder) or null")
         _require(self.wikitext_context >= 2, "evaluate.wikitext_context",
                  "must be at least 2 (the papers use 2048 or 4096)")
+        for i, name in enumerate(self.ood_texts):
+            _require(name in OOD_TEXTS, f"evaluate.ood_texts[{i}]",
+                     f"got {name!r}; allowed: {', '.join(OOD_TEXTS)}")
+            _require(name not in self.ood_texts[:i], f"evaluate.ood_texts[{i}]",
+                     f"{name!r} is listed twice")
+            _require(name not in (Path(p).stem for p in self.extra_texts),
+                     f"evaluate.ood_texts[{i}]", f"{name!r} is also the name of an "
+                     "evaluate.extra_texts file; rename that file")
+        boolq_limit = self.task_limits.get("boolq", self.limit)
+        if "wikipedia" in self.ood_texts and "boolq" in self.tasks:
+            _require(boolq_limit is not None and boolq_limit <= BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT,
+                     "evaluate.task_limits.boolq",
+                     f"the wikipedia text (evaluate.ood_texts) holds BoolQ paragraphs from "
+                     f"question {BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT} on: score at most "
+                     f"{BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT} BoolQ questions (got "
+                     f"{boolq_limit or 'all'}) or drop wikipedia")
         for i, task in enumerate(self.tasks):
             if task.endswith(".jsonl"):
                 _require(Path(task).is_file(), f"evaluate.tasks[{i}]", f"{task} is not a file")
@@ -464,6 +565,15 @@ class EvaluateParams:
         _require(self.exact_match_limit is None or self.exact_match_limit >= 1,
                  "evaluate.exact_match_limit", "must be null (every test example) or at least 1")
         self.speed.check()
+
+
+def row_not_applicable(criterion: str, pattern: str) -> str | None:
+    """Why a compare row (criterion x pattern of the matrix) has nothing to measure, or None.
+    Such a row records the reason instead of a measurement, so one matrix can hold criteria
+    that have no structured form beside structured patterns."""
+    if criterion == "sparsegpt" and split_row_pattern(pattern, "--pattern")[0] == "structured":
+        return "sparsegpt has no structured form"
+    return None
 
 
 @dataclass(frozen=True)
@@ -487,9 +597,7 @@ class CompareParams:
             _require(criterion in CRITERIA, f"compare.criteria[{i}]",
                      f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
         for i, pattern in enumerate(self.patterns):
-            parse_pattern(pattern, f"compare.patterns[{i}]")
-        _require(not ("sparsegpt" in self.criteria and "structured" in self.patterns),
-                 "compare.patterns", "sparsegpt has no structured form; drop one of the two")
+            split_row_pattern(pattern, f"compare.patterns[{i}]")
         _require(self.sparsity is None or 0 <= self.sparsity < 1, "compare.sparsity",
                  "must be null (masks.sparsity) or in [0, 1)")
 
@@ -560,10 +668,13 @@ class Params:
         from fnmatch import fnmatchcase
 
         allowed = "'unstructured' or 'N:M' (e.g. '2:4'); 'structured' is LLaMA-only"
+        _require(self.masks.reconstruct.steps == 0, "masks.reconstruct.steps",
+                 "block-wise reconstruction walks a LLaMA decoder's layers: set it to 0 with "
+                 "model.arch seq2seq")
         _require(parse_pattern(self.masks.pattern) != "structured", "masks.pattern",
                  f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
         for i, pattern in enumerate(self.compare.patterns):
-            _require(parse_pattern(pattern, f"compare.patterns[{i}]") != "structured",
+            _require(split_row_pattern(pattern, f"compare.patterns[{i}]")[0] != "structured",
                      f"compare.patterns[{i}]",
                      f"got 'structured' with model.arch seq2seq; allowed: {allowed}")
         _require(any(fnmatchcase(name, p) for name in SEQ2SEQ_LINEAR_EXAMPLES
@@ -571,9 +682,10 @@ class Params:
                  f"selects no Linear of the seq2seq model (names like "
                  f"{', '.join(SEQ2SEQ_LINEAR_EXAMPLES)}); e.g. ['encoder.layers.*', "
                  "'decoder.layers.*']")
-        _require(not self.evaluate.extra_texts, "evaluate.extra_texts",
-                 "perplexity of running text is a decoder-LM measure; leave it empty with "
-                 "model.arch seq2seq")
+        for key in ("extra_texts", "ood_texts"):
+            _require(not getattr(self.evaluate, key), f"evaluate.{key}",
+                     "perplexity of running text is a decoder-LM measure; leave it empty with "
+                     "model.arch seq2seq")
         _require(self.evaluate.wikitext is None, "evaluate.wikitext",
                  "perplexity of running text is a decoder-LM measure; set it to null with "
                  "model.arch seq2seq")

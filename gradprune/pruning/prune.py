@@ -8,7 +8,9 @@ fine-tuning starts from and the masks it must enforce.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
 from gradprune.device import model_device
-from gradprune.models.llama import load_model
+from gradprune.models.llama import bf16_enabled, load_model
+from gradprune.pruning.allocation import owl_targets
 from gradprune.pruning.criteria import scores_for, statistics_for
 from gradprune.pruning.masks import (
     apply_masks,
@@ -29,6 +32,7 @@ from gradprune.pruning.masks import (
     sparsity_report,
     sparsity_targets,
 )
+from gradprune.pruning.reconstruct import reconstruct_decoder
 from gradprune.pruning.sparsegpt import sparsegpt_prune_layers
 from gradprune.pruning.structured import (
     select_structures,
@@ -47,6 +51,8 @@ class Pruned:
     masks: dict[str, torch.Tensor]
     new_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     smaller: nn.Module | None = None
+    # masks.allocation owl: per decoder layer its outlier ratio and the sparsity it was given.
+    allocation: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: MaskParams,
@@ -63,13 +69,17 @@ def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: Mask
     weights = {name: modules[name].weight.detach() for name in sorted(stats)}
     pattern = parse_pattern(cfg.pattern)
     targets = sparsity_targets(weights, cfg.sparsity or 0.0, cfg.overrides, cfg.exclude)
+    allocation = {}
+    if cfg.allocation == "owl":
+        targets, allocation = owl_targets(weights, stats, targets, cfg.sparsity,
+                                          cfg.owl.outlier_threshold, cfg.owl.max_deviation)
     n, m = pattern if isinstance(pattern, tuple) else (0, 0)
 
     if cfg.criterion == "sparsegpt":
         new_weights, masks = sparsegpt_prune_layers(
             weights, stats, targets, n=n, m=m, block_size=cfg.sparsegpt.block_size,
             damp=cfg.sparsegpt.damp)
-        return Pruned(masks, new_weights)
+        return Pruned(masks, new_weights, allocation=allocation)
 
     scores = scores_for(cfg.criterion, weights, stats, variant=cfg.variant,
                         gblm_alpha=cfg.gblm_alpha, n_blocks=n_blocks, seed=seed)
@@ -92,7 +102,7 @@ def prune(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], cfg: Mask
                       if excluded[name] == 0})
     else:
         masks = masks_for_targets(scores, targets, cfg.scope)
-    return Pruned(masks)
+    return Pruned(masks, allocation=allocation)
 
 
 def _or(value: float | None, default: float | None) -> float:
@@ -114,6 +124,36 @@ def apply_pruning(model: nn.Module, pruned: Pruned) -> nn.Module:
             modules[name].weight.copy_(weight)
     apply_masks(model, pruned.masks)
     return model
+
+
+def reconstruct(dense: nn.Module, model: nn.Module, masks: dict[str, torch.Tensor],
+                blocks: torch.Tensor, cfg: MaskParams, seed: int) -> dict:
+    """Block-wise reconstruction of the pruned `model` (in place) against `dense` on the
+    calibration `blocks`, as masks.reconstruct says; returns what it did per layer."""
+    r = cfg.reconstruct
+    started = time.perf_counter()
+    layers = reconstruct_decoder(dense, model, masks, blocks, steps=r.steps, lr=r.lr,
+                                 batch_size=r.batch_size, bf16=bf16_enabled(r.bf16, model_device(model)),
+                                 seed=seed)
+    return {"steps_per_layer": r.steps, "lr": r.lr, "batch_size": r.batch_size,
+            "calibration_blocks": len(blocks), "seconds": time.perf_counter() - started,
+            "mean_error_before": sum(x["error_before"] for x in layers) / len(layers),
+            "mean_error_after": sum(x["error_after"] for x in layers) / len(layers),
+            "layers": layers}
+
+
+def reconstruct_pruned(dense: nn.Module, pruned: Pruned, blocks: torch.Tensor, cfg: MaskParams,
+                       seed: int) -> dict:
+    """`reconstruct` for what `prune` returned: the smaller model is tuned in place; otherwise
+    the tuned weights of every masked Linear become `pruned.new_weights`. `dense` is left as
+    it is."""
+    if pruned.smaller is not None:
+        return reconstruct(dense, pruned.smaller, {}, blocks, cfg, seed)
+    model = apply_pruning(copy.deepcopy(dense), pruned)
+    report = reconstruct(dense, model, pruned.masks, blocks, cfg, seed)
+    modules = dict(model.named_modules())
+    pruned.new_weights = {name: modules[name].weight.detach().clone() for name in pruned.masks}
+    return report
 
 
 def save_pruned(folder: Path, pruned: Pruned) -> None:
@@ -158,6 +198,8 @@ def prunable_sparsity(model: nn.Module, dense_shapes: dict[str, torch.Size]) -> 
 def pruning_report(pruned: Pruned, dense: nn.Module) -> dict:
     """Per-layer and total sparsity of the masks, and the new shape when structured."""
     report = sparsity_report(pruned.masks)
+    if pruned.allocation:
+        report["allocation"] = pruned.allocation
     if pruned.smaller is not None:
         report["shape_before"] = shape_report(dense)
         report["shape_after"] = shape_report(pruned.smaller)
