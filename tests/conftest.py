@@ -47,6 +47,16 @@ def deep_merge(base: dict, changes: dict) -> dict:
     return merged
 
 
+def params_over_defaults(changes: dict) -> dict:
+    """A complete raw params dict: the schema's defaults with `changes` laid over them. Every
+    section is required, so a test that sets a few keys says where the rest come from."""
+    import dataclasses
+
+    from gradprune.config import Params
+
+    return deep_merge(dataclasses.asdict(Params()), changes)
+
+
 def micro_params() -> dict:
     """The repository's params.yaml with tests/micro_params.yaml laid over it: every key that
     dvc.yaml names is present, as DVC requires."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -59,6 +60,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamError(key, f"must be a number, got {value!r}")
+        # .inf and .nan are YAML floats; no knob means them, and they fail only mid-compute.
+        if not math.isfinite(value):
+            raise ParamError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -78,9 +82,21 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ParamError(where, f"unknown key; allowed keys here: {', '.join(names)}")
+    if cls is Params:
+        _require_sections(raw, names)
     kwargs = {name: _convert(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
               for name in names if name in raw}
     return cls(**kwargs)
+
+
+def _require_sections(raw: dict, names: list[str]) -> None:
+    """Every section of params.yaml must be there: a stage started directly on a file that
+    lacks one would otherwise run on built-in defaults that no file records."""
+    missing = [name for name in names if raw.get(name) is None]
+    if missing:
+        raise ParamError(missing[0], f"missing section{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)}; every section is required ({', '.join(names)}): "
+                         "copy it from the repository's params.yaml")
 
 
 def params_from_dict(raw: dict) -> Params:
@@ -113,7 +129,10 @@ def read_params_file(path: str | Path) -> dict:
         raw = _yaml12(path.read_text())
     except YAMLError as err:
         raise ParamError(str(path), f"not valid YAML: {err}") from None
-    return raw or {}
+    if not raw:
+        raise ParamError(str(path), "is empty; every section (seed, data, model, ...) is "
+                         "required: copy the repository's params.yaml")
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
