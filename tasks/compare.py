@@ -14,7 +14,7 @@ import copy
 import tempfile
 from pathlib import Path
 
-from gradprune.config import Params, parse_pattern
+from gradprune.config import CRITERIA, ParamError, Params, parse_pattern
 from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.models.llama import load_model
@@ -42,8 +42,25 @@ def row_mask_params(params: Params, criterion: str, pattern: str):
         overrides=params.masks.overrides if shape == "unstructured" else {})
 
 
+def row_of(params: Params, stage: Stage) -> tuple[str, str]:
+    """(criterion, pattern) of this row: the command line's, else the matrix item DVC ran,
+    which must be one of compare.criteria x compare.patterns; both checked before any compute."""
+    if stage.args.criterion is not None:
+        criterion, pattern = stage.args.criterion, stage.args.pattern
+        if criterion not in CRITERIA:
+            raise ParamError("--criterion", f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
+        parse_pattern(pattern, "--pattern")
+        return criterion, pattern
+    rows = {f"{c}-{p}": (c, p) for c in params.compare.criteria for p in params.compare.patterns}
+    key = stage.name.partition("@")[2]
+    if key not in rows:
+        raise ParamError("compare", f"row {key!r} is not one of compare.criteria x "
+                         f"compare.patterns ({', '.join(rows)}); run `dvc repro compare`")
+    return rows[key]
+
+
 def run(params: Params, stage: Stage) -> dict:
-    criterion, pattern = stage.args.criterion, stage.args.pattern
+    criterion, pattern = row_of(params, stage)
     cfg = row_mask_params(params, criterion, pattern)
     dense = load_model(DENSE)
     stats = load_stats(STATS)
@@ -80,5 +97,6 @@ def run(params: Params, stage: Stage) -> dict:
 
 if __name__ == "__main__":
     stage_main("compare", run, arguments={
-        "--criterion": {"required": True, "help": "one of masks.criterion's values"},
-        "--pattern": {"required": True, "help": "unstructured, N:M or structured"}})
+        "--criterion": {"help": "one of masks.criterion's values (default: the row DVC runs, "
+                                "named in DVC_STAGE)"},
+        "--pattern": {"help": "unstructured, N:M or structured (default: DVC_STAGE's row)"}})

@@ -84,6 +84,26 @@ def join_data_parallel(name: str, supported: bool) -> int:
     return processes
 
 
+def matrix_key(name: str, args: argparse.Namespace, arguments: dict[str, dict]) -> str:
+    """The matrix item a stage runs: its command-line values joined by `-`, or, when none are
+    given, the item DVC names in DVC_STAGE (`compare@gradient-2:4`).
+
+    dvc.yaml's matrix commands carry no values: DVC substitutes `${item.*}` into a shell
+    command before any check runs, so a params value such as `x; touch owned` would run as
+    shell code. The stage learns its item from DVC_STAGE instead and checks it against the
+    validated params (the stage's `run`)."""
+    values = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag in arguments]
+    if all(v is not None for v in values):
+        return "-".join(map(str, values))
+    group, _, key = os.environ.get("DVC_STAGE", "").partition("@")
+    if any(v is not None for v in values) or group != name or not key:
+        flags = " and ".join(arguments)
+        print(f"error: stage {name} is a matrix: give {flags}, or run it through DVC "
+              f"(`dvc repro {name}`), which names the item in DVC_STAGE", file=sys.stderr)
+        sys.exit(2)
+    return key
+
+
 def stage_main(name: str, run: Callable[[Params, Stage], dict],
                arguments: dict[str, dict] | None = None, data_parallel: bool = False) -> None:
     """Run a stage. `arguments` adds command-line options ({"--criterion": {...}}); a stage
@@ -99,8 +119,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         parser.add_argument(flag, **options)
     args = parser.parse_args()
     if arguments:
-        name = f"{name}@" + "-".join(str(getattr(args, f.lstrip("-").replace("-", "_")))
-                                      for f in arguments)
+        name = f"{name}@{matrix_key(name, args, arguments)}"
     try:
         params = load_params(args.params)
     except (ParamError, FileNotFoundError) as err:
