@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from flows.dag import stage_graph, topological_order
 from gradprune.config import apply_overrides, load_params, read_params_file, set_dotted
 from gradprune.io import atomic_file
+from tasks.artifacts import check_pipeline
 from tasks.tracking import PARENT_ENV, create_parent_run, finish_parent_run
 
 
@@ -76,6 +77,10 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
     order = topological_order(stage_graph(root / "dvc.yaml"), stages)
     if overrides:
         write_overrides(params_file, overrides)
+    # Before any stage: `dvc repro` removes a stage's outputs before the stage can refuse.
+    problems = check_pipeline(root, order)
+    if problems:
+        raise ValueError("gradprune check failed, nothing was run:\n" + "\n".join(problems))
     params = load_params(params_file)
     parent_id = create_parent_run(params, launcher="prefect", root=root,
                                   overrides=overrides or {})

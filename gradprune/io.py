@@ -1,4 +1,6 @@
-"""Atomic writes: every output appears whole under its final name, or not at all."""
+"""Atomic writes: every output appears whole under its final name, or not at all. Reads of
+artifacts: any failure names the file (ArtifactError), and `check_artifact` finds a truncated
+or overwritten file in milliseconds, before a stage computes anything."""
 
 from __future__ import annotations
 
@@ -48,6 +50,76 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+class ArtifactError(ValueError):
+    """An artifact that is missing or cannot be read; `path` names it, so the stage runner can
+    say which stage writes it (or which params key points to it)."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {problem}")
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str) -> Iterator[None]:
+    """Any failure while reading `path` (truncated safetensors, bad JSON, a broken Parquet
+    block, a tokenizer file that does not parse) becomes an ArtifactError naming the file.
+    Libraries raise all sorts here (tokenizers raises bare Exception), hence the breadth."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise ArtifactError(path, f"unreadable {what} ({type(err).__name__}"
+                                  f"{': ' + detail if detail else ''})") from err
+
+
+def check_artifact(path: str | Path) -> None:
+    """Structural check of one file or of every file in a folder, without loading tensors:
+    safetensors header and length, Parquet footer and every data page, JSON syntax, GGUF magic.
+    Raises ArtifactError naming the first bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(path, "missing")
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        suffix = file.suffix
+        if suffix == ".safetensors":
+            with reading(file, "safetensors file"):
+                _check_safetensors(file)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            with reading(file, "Parquet file"):
+                pq.read_table(file)
+        elif suffix == ".json":
+            with reading(file, "JSON file"):
+                json.loads(file.read_text())
+        elif suffix == ".gguf":
+            with reading(file, "GGUF file"):
+                with open(file, "rb") as f:
+                    if f.read(4) != b"GGUF":
+                        raise ValueError("no GGUF magic number at the start")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors' byte ranges end exactly at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            raise ValueError(f"header length {length} exceeds the file ({size} bytes)")
+        header = json.loads(f.read(length))
+    end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"),
+              default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"tensors end at byte {8 + length + end} but the file has {size}")
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -56,11 +128,9 @@ def write_json(path: str | Path, obj) -> None:
 def read_json(path: str | Path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run the stage that makes it (dvc repro)")
-    try:
+        raise ArtifactError(path, "missing")
+    with reading(path, "JSON file"):
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: corrupt JSON ({err}); delete it and rerun its stage") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -20,17 +20,23 @@ from typing import Callable
 
 from gradprune.config import ParamError, Params, load_params
 from gradprune.data import CorpusError
-from gradprune.io import remove_stale_temporaries, write_json
+from gradprune.io import ArtifactError, remove_stale_temporaries, write_json
 from gradprune.training.parallel import (
     init_process_group_from_env,
     is_main_process,
     rank_and_size,
     shutdown_process_group,
 )
+from tasks.artifacts import artifact_remedy, recovery_note
 
 DATA = Path("data")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
+# Beside every metrics file: what produced its numbers (library versions, threads), which
+# `dvc metrics show` and the numbers-only metrics files leave out.
+ENVIRONMENT = METRICS / "environment"
+# The libraries whose versions can move a stage's numbers.
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "pyarrow", "numpy")
 EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)
 
 
@@ -124,6 +130,7 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         params = load_params(args.params)
     except (ParamError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        print(recovery_note(name), file=sys.stderr)
         sys.exit(2)
 
     processes = join_data_parallel(name, data_parallel)
@@ -146,10 +153,33 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         shutdown_process_group()
 
 
-def _report_expected_error(err: BaseException) -> None:
+def _report_expected_error(err: BaseException, stage: Stage | None = None) -> None:
     if os.environ.get("GRADPRUNE_TRACEBACK"):
         traceback.print_exc()
-    print(f"error: {err}", file=sys.stderr)
+    message = f"error: {err}"
+    if isinstance(err, ArtifactError):
+        message += f"; {artifact_remedy(err.path, stage.params if stage else None)}"
+    print(message, file=sys.stderr)
+    if stage is not None:
+        print(recovery_note(stage.name), file=sys.stderr)
+
+
+def environment() -> dict:
+    """Library versions and thread counts of this process: what, besides code, data and
+    params, can move a stage's numbers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "versions": versions}
 
 
 def _run_untracked(stage: Stage, run: Callable[[Params, Stage], dict]) -> None:
@@ -157,7 +187,7 @@ def _run_untracked(stage: Stage, run: Callable[[Params, Stage], dict]) -> None:
     try:
         run(stage.params, stage)
     except EXPECTED_ERRORS as err:
-        _report_expected_error(err)
+        _report_expected_error(err, stage)
         sys.exit(1)
 
 
@@ -167,7 +197,8 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
     from tasks.tracking import stage_run
 
     name, params = stage.name, stage.params
-    for folder in (DATA, METRICS, METRICS / name.split("@")[0], PLOTS):
+    for folder in (DATA, METRICS, METRICS / name.split("@")[0], PLOTS, ENVIRONMENT,
+                   ENVIRONMENT / name.split("@")[0]):
         remove_stale_temporaries(folder)
     started = time.perf_counter()
     try:
@@ -179,9 +210,12 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             metrics["peak_rss_mb"] = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            produced_by = environment()
+            metrics["threads"] = produced_by["threads"]
             path = METRICS / f"{name.replace('@', '/')}.json"
+            write_json(ENVIRONMENT / f"{name.replace('@', '/')}.json", produced_by)
             write_json(path, metrics)
             tracked.log_metrics(metrics, path)
     except EXPECTED_ERRORS as err:
-        _report_expected_error(err)
+        _report_expected_error(err, stage)
         sys.exit(1)

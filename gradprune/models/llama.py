@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradprune.config import ModelParams
+from gradprune.io import ArtifactError, reading
 from gradprune.models.seq2seq import (
     Seq2SeqConfig,
     Seq2SeqTransformer,
@@ -52,12 +53,12 @@ def load_model(path: str | Path):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no Hugging Face model here (config.json missing); "
-                                "run the stage that makes it")
-    if is_seq2seq_folder(path):
-        return load_seq2seq(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                trust_remote_code=False)
+        raise ArtifactError(path, "no Hugging Face model here (config.json missing)")
+    with reading(path, "model folder"):
+        if is_seq2seq_folder(path):
+            return load_seq2seq(path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    use_safetensors=True, trust_remote_code=False)
 
 
 def check_vocab(model, tokenizer, source: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
+from gradprune.io import reading
 from gradprune.models.llama import load_model
 from gradprune.pruning.criteria import scores_for
 from gradprune.pruning.masks import (
@@ -131,8 +132,10 @@ def load_pruned_model(dense_dir: Path, masks_dir: Path
         return load_model(masks_dir / SMALLER_MODEL), {}
     model = load_model(dense_dir)
     masks = load_masks(masks_dir / MASKS_FILE)
-    new_weights = load_file(str(masks_dir / WEIGHTS_FILE)) if (masks_dir / WEIGHTS_FILE).is_file() \
-        else {}
+    new_weights = {}
+    if (masks_dir / WEIGHTS_FILE).is_file():
+        with reading(masks_dir / WEIGHTS_FILE, "rewritten weights"):
+            new_weights = load_file(str(masks_dir / WEIGHTS_FILE))
     return apply_pruning(model, Pruned(masks, new_weights)), masks
 
 

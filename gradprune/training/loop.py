@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from gradprune.config import TrainParams
-from gradprune.io import atomic_dir, remove_stale_temporaries
+from gradprune.io import atomic_dir, reading, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
 from gradprune.pruning.masks import apply_masks
 from gradprune.training.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
@@ -327,8 +327,9 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
     saved = _newest_state(state_dir)
     if saved is None:
         return None
-    tensors = load_file(str(saved / "tensors.safetensors"))
-    meta = json.loads((saved / "state.json").read_text())
+    with reading(saved, "resume state"):
+        tensors = load_file(str(saved / "tensors.safetensors"))
+        meta = json.loads((saved / "state.json").read_text())
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(tensors[f"model.{name}"])
