@@ -3,6 +3,8 @@
     gradprune check  [--stage STAGE]...                         params and every artifact the
                                                                 stages read, in seconds: run it
                                                                 before `dvc repro`
+    gradprune track                                             log to MLflow the stages that ran
+                                                                while it was unreachable
     gradprune run    [--set KEY=VALUE]... [--stage STAGE]...   run now (no server needed)
     gradprune serve  --cron "0 3 * * *" [...]                   schedule; this process runs them
     gradprune deploy --pool NAME --cron "0 3 * * *" [...]       schedule on a process work pool;
@@ -154,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                        help="check only what this stage and its upstream stages read "
                             "(repeatable; default: every stage)")
     check.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    track = sub.add_parser("track", help="log to MLflow the stages that ran while it was "
+                           "unreachable (mlflow-untracked.json), and mark runs whose process "
+                           "died KILLED")
+    track.add_argument("--repo", default=".", help="repository root (default: current folder)")
     sweep = sub.add_parser("sweep", help="run a grid of params points, each a DVC experiment")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="a params.yaml key and its values (repeatable: the grid is every "
@@ -169,6 +175,18 @@ def main(argv: list[str] | None = None) -> None:
         if problems:
             fail("\n".join(problems))
         print("gradprune check: params.yaml and every artifact the stages read are usable")
+        return
+    if args.command == "track":
+        from gradprune.config import load_params
+        from tasks.tracking import UNTRACKED, track_untracked
+
+        root = Path(args.repo)
+        try:
+            logged = track_untracked(load_params(root / "params.yaml"), root)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        print(f"logged {len(logged)} stage(s) from {UNTRACKED}: {', '.join(logged)}" if logged
+              else f"nothing to log: no {UNTRACKED}")
         return
     try:
         if args.command == "sweep":

@@ -43,9 +43,10 @@ def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
         rt.dump(doc, f)
 
 
-def stage_environment(parent_run_id: str) -> dict[str, str]:
+def stage_environment(parent_run_id: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    env[PARENT_ENV] = parent_run_id
+    if parent_run_id is not None:
+        env[PARENT_ENV] = parent_run_id
     env.setdefault("DVC_NO_ANALYTICS", "1")
     # The stages' `python` must be this interpreter, with this environment's packages.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -53,7 +54,7 @@ def stage_environment(parent_run_id: str) -> dict[str, str]:
 
 
 @task(name="stage", task_run_name="{stage}")
-def run_stage(stage: str, parent_run_id: str, repo: str) -> str:
+def run_stage(stage: str, parent_run_id: str | None, repo: str) -> str:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     done = subprocess.run(cmd, cwd=repo, env=stage_environment(parent_run_id),
@@ -82,8 +83,13 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
     if problems:
         raise ValueError("gradprune check failed, nothing was run:\n" + "\n".join(problems))
     params = load_params(params_file)
-    parent_id = create_parent_run(params, launcher="prefect", root=root,
-                                  overrides=overrides or {})
+    try:
+        parent_id = create_parent_run(params, launcher="prefect", root=root,
+                                      overrides=overrides or {})
+    except Exception as err:  # the tracking store is down: the pipeline runs untracked
+        get_run_logger().warning("tracking: no MLflow parent run (%s: %s); the stages run and "
+                                 "list themselves for `gradprune track`", type(err).__name__, err)
+        parent_id = None
     outcome: dict[str, str] = {}
     try:
         for stage in order:

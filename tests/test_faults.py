@@ -42,3 +42,52 @@ def test_shell_code_in_params_never_runs(micro_upstream, tmp_path, compare, refu
     assert code != 0
     assert refused in log
     assert not (repo / "owned").exists() and not list(tmp_path.rglob("owned"))
+
+
+def snapshot(repo: Path, *paths: str) -> dict[str, bytes]:
+    files = {}
+    for path in paths:
+        top = repo / path
+        for file in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            files[file.relative_to(repo).as_posix()] = file.read_bytes()
+    return files
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", message], cwd=repo, check=True)
+
+
+@pytest.mark.integration
+def test_bad_params_after_a_run_are_cheap_to_recover(micro_upstream, tmp_path):
+    """`dvc repro` removes a stage's outputs before the stage can refuse its params:
+    `gradprune check` refuses first and removes nothing; after a refused `dvc repro`, the
+    commands the stage prints restore every byte."""
+    repo = copy_repo(micro_upstream, tmp_path / "repo")
+    env = run_env(tmp_path)
+    commit_all(repo, "a finished run")
+    outputs = ("data/masks", "metrics/masks.json")
+    before = snapshot(repo, *outputs)
+    assert len(before) >= 3
+    set_params(repo, masks={"sparsity": 1.5})
+
+    code, log = attempt([sys.executable, "-m", "flows", "check"], repo, env)
+    assert code == 2
+    assert "error: params: masks.sparsity: must be in [0, 1), got 1.5" in log
+    assert snapshot(repo, *outputs) == before
+
+    code, log = attempt(DVC + ["repro", "masks"], repo, env)
+    assert code != 0
+    assert "error: params: masks.sparsity: must be in [0, 1), got 1.5" in log
+    assert ("note: dvc repro removed this stage's outputs before it ran; `dvc checkout masks` "
+            "restores data/masks from DVC's cache; `git checkout -- metrics/masks.json` restores "
+            "the committed copy") in log
+    assert snapshot(repo, *outputs) == {}  # what DVC did before the stage could refuse
+
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=repo, check=True)  # the fix
+    attempt(DVC + ["checkout", "masks"], repo, env)
+    subprocess.run(["git", "checkout", "--", "metrics/masks.json"], cwd=repo, check=True)
+    assert snapshot(repo, *outputs) == before
+    code, log = attempt(DVC + ["status", "masks"], repo, env)
+    assert (code, log.strip()) == (0, "Data and pipelines are up to date.")
