@@ -5,6 +5,7 @@ or overwritten file in milliseconds, before a stage computes anything."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,41 +14,79 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+# What a full disk, a file size limit (ulimit -f) or a read-only folder raise: OSError numbers,
+# and the words of writers that wrap the error in their own type (safetensors' Rust IoError).
+WRITE_FAILURE_ERRNOS = {errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                        errno.EPERM}
+WRITE_FAILURE_WORDS = ("File too large", "No space left", "Read-only file system",
+                       "Disk quota", "FileTooLarge", "StorageFull", "ReadOnlyFilesystem")
+
+
+class OutputWriteError(ValueError):
+    """A stage output that could not be written (disk full, size limit, read-only folder)."""
+
+    def __init__(self, path: str | Path, err: BaseException):
+        self.path = Path(path)
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        super().__init__(f"{path}: could not be written ({detail}); is the disk full, a file "
+                         "size limit (ulimit -f) set, or the folder read-only? Nothing was "
+                         "half-written: the temporary copy is removed")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in WRITE_FAILURE_ERRNOS:
+        return True
+    return any(word in str(err) for word in WRITE_FAILURE_WORDS)
+
+
+@contextlib.contextmanager
+def _named_write_failures(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except Exception as err:
+        if _is_write_failure(err):
+            raise OutputWriteError(path, err) from err
+        raise
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path`.
 
     On an exception the temporary folder is removed and `path` is left as it was, so DVC never
-    sees (or caches) a half-written stage output.
+    sees (or caches) a half-written stage output; a failed write is an OutputWriteError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with _named_write_failures(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with _named_write_failures(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
 
 
 class ArtifactError(ValueError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, micro_params
+from conftest import ROOT, micro_params, record_refusal
 from safetensors.torch import save_file
 from test_model_sources import save_hf_checkpoint
 
@@ -43,6 +43,8 @@ def test_truncated_model_weights_name_the_folder(checkpoint):
             load(checkpoint)
         assert info.value.path == checkpoint
         assert str(info.value).startswith(f"{checkpoint}: unreadable model folder (")
+    record_refusal("truncated model.safetensors in a model folder (model.source or a stage's)",
+                   str(info.value))
 
 
 def test_garbage_model_weights_name_the_folder(checkpoint):
@@ -53,23 +55,26 @@ def test_garbage_model_weights_name_the_folder(checkpoint):
 
 def test_corrupt_tokenizer_names_the_folder(checkpoint):
     (checkpoint / "tokenizer.json").write_text('{"version": "1.0", "model": ')
-    with pytest.raises(ArtifactError, match=f"^{checkpoint}: unreadable tokenizer folder"):
+    with pytest.raises(ArtifactError, match=f"^{checkpoint}: unreadable tokenizer folder") as info:
         load_tokenizer(checkpoint)
+    record_refusal("tokenizer.json cut short", str(info.value))
 
 
 def test_corrupt_gguf_names_the_file(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + b"\x00" * 60)
-    with pytest.raises(ArtifactError, match=f"^{gguf}: unreadable GGUF file"):
+    with pytest.raises(ArtifactError, match=f"^{gguf}: unreadable GGUF file") as info:
         load_gguf_model(gguf)
+    record_refusal("a .gguf model.source of zeros after its magic number", str(info.value))
 
 
 def test_truncated_parquet_blocks_name_the_file(tmp_path):
     path = tmp_path / "train.parquet"
     write_blocks(path, torch.arange(4096, dtype=torch.int32).view(64, 64))
     truncate(path, 0.7)
-    with pytest.raises(ArtifactError, match=f"^{path}: unreadable token blocks"):
+    with pytest.raises(ArtifactError, match=f"^{path}: unreadable token blocks") as info:
         read_blocks(path)
+    record_refusal("Parquet token blocks cut at 70%", str(info.value))
 
 
 def test_corrupt_checkpoint_and_resume_state_name_the_file(tmp_path):
@@ -77,15 +82,17 @@ def test_corrupt_checkpoint_and_resume_state_name_the_file(tmp_path):
     save_file({"w": torch.ones(64)}, str(good))
     save_file({"w": torch.ones(64)}, str(bad))
     truncate(bad)
-    with pytest.raises(ArtifactError, match=f"^{bad}: unreadable checkpoint"):
+    with pytest.raises(ArtifactError, match=f"^{bad}: unreadable checkpoint") as info:
         average_checkpoints([good, bad], [0.5, 0.5])
+    record_refusal("a fine-tuning checkpoint cut in half", str(info.value))
     saved = tmp_path / "state" / "step-000004"
     saved.mkdir(parents=True)
     (saved / "tensors.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{broken}")
     (saved / "state.json").write_text("{}")
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ArtifactError, match=f"^{saved}: unreadable resume state"):
+    with pytest.raises(ArtifactError, match=f"^{saved}: unreadable resume state") as info:
         load_train_state(tmp_path / "state", model, torch.optim.AdamW(model.parameters()), None)
+    record_refusal("a fine-tuning resume state with a broken header", str(info.value))
 
 
 def test_corrupt_json_names_the_file(tmp_path):
@@ -121,6 +128,7 @@ def test_check_artifact_finds_damage_without_loading(tmp_path, name, damage, pro
         check_artifact(path.parent)
     assert info.value.path == path
     assert problem in str(info.value)
+    record_refusal(f"gradprune check: damaged {name} ({problem})", str(info.value))
 
 
 @pytest.fixture
@@ -147,6 +155,8 @@ def test_check_names_a_corrupt_upstream_artifact_its_reader_and_writer(repo):
     assert check_pipeline(repo) == []
     # 8 length bytes + a 56-byte header + 16 tensor bytes = 80; half of it is left.
     truncate(stats)
+    record_refusal("gradprune check: truncated data/gradients/stats.safetensors",
+                   check_pipeline(repo)[0])
     assert check_pipeline(repo) == [
         f"{repo / 'data/gradients/stats.safetensors'}: unreadable safetensors file (ValueError: "
         "header length 56 exceeds the file (40 bytes)) (read by stage masks); it is "
@@ -163,6 +173,7 @@ def test_check_names_a_corrupt_model_source_by_its_key(repo, checkpoint):
     assert check_pipeline(repo) == []
     truncate(checkpoint / "model.safetensors")
     (problem,) = check_pipeline(repo)
+    record_refusal("gradprune check: model.source with a truncated model.safetensors", problem)
     assert problem.startswith(f"{checkpoint / 'model.safetensors'}: unreadable safetensors file")
     assert problem.endswith(f"(read by params model.source); it is model.source in params.yaml "
                             f"({checkpoint}): replace it with a good copy or point model.source "
@@ -229,3 +240,31 @@ def test_a_stage_names_the_stage_to_rerun(repo, capsys, monkeypatch):
         "it is written by stage gradients: restore DVC's cached copy with `dvc checkout --force "
         "data/gradients`, or rebuild it with `dvc repro -f -s gradients`\n"
         "`gradprune check` finds bad params and unreadable artifacts in seconds\n")
+
+
+@pytest.mark.parametrize("writer", ["dir", "file"])
+def test_a_failed_write_names_the_output_and_leaves_no_temporary(tmp_path, writer):
+    """Under a 4 KiB file size limit (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import subprocess
+
+    code = (
+        "import resource, sys\n"
+        "from gradprune.io import OutputWriteError, atomic_dir, write_json\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        f"out = {str(tmp_path / 'out')!r}\n"
+        "try:\n"
+        f"    if {writer!r} == 'dir':\n"
+        "        with atomic_dir(out) as d:\n"
+        "            (d / 'big.bin').write_bytes(bytes(8192))\n"
+        "    else:\n"
+        "        write_json(out, ['x' * 8192])\n"
+        "except OutputWriteError as err:\n"
+        "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT)})
+    record_refusal(f"a stage output write under a 4 KiB file size limit ({writer})", done.stdout)
+    assert done.stdout == (f"{tmp_path / 'out'}: could not be written ([Errno 27] File too "
+                           "large); is the disk full, a file size limit (ulimit -f) set, or the "
+                           "folder read-only? Nothing was half-written: the temporary copy is "
+                           "removed\n"), done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import micro_params, params_over_defaults
+from conftest import dotted_changes, micro_params, params_over_defaults, record_refusal
 
 from gradprune.config import (
     MaskParams,
@@ -33,6 +33,7 @@ def test_every_section_is_required():
     """A stage started on a file without a section must not run on built-in defaults."""
     with pytest.raises(ParamError) as info:
         params_from_dict({})
+    record_refusal("params.yaml without its sections", str(info.value))
     assert str(info.value) == (
         "params: seed: missing sections seed, data, model, train, gradients, masks, finetune, "
         "average, evaluate, compare, mlflow; every section is required (seed, data, model, "
@@ -53,6 +54,8 @@ def test_empty_params_file_is_refused(tmp_path):
         path.write_text(text)
         with pytest.raises(ParamError) as info:
             load_params(path)
+        record_refusal(f"params.yaml that is empty ({text.strip() or 'no text'})",
+                       str(info.value))
         assert str(info.value) == (f"params: {path}: is empty; every section (seed, data, "
                                    "model, ...) is required: copy the repository's params.yaml")
 
@@ -113,6 +116,7 @@ def test_invalid_yaml_is_param_error(tmp_path):
 def _error(changes: dict) -> ParamError:
     with pytest.raises(ParamError) as info:
         params_from_dict(params_over_defaults(changes))
+    record_refusal(dotted_changes(changes), str(info.value))
     return info.value
 
 
@@ -167,7 +171,7 @@ def test_bad_value_names_key_and_what_is_allowed(raw, key, allowed):
 
 
 def test_unknown_key_lists_allowed_keys():
-    err = _error({"masks": {"sparsity": 0.5, "sparsty": 0.7}})
+    err = _error({"masks": {"sparsity": 0.5, "sparsty": 0.7}})  # recorded by _error
     assert err.key == "masks.sparsty"
     assert "unknown key; allowed keys here: criterion, variant, gblm_alpha, tau, sparsity, " \
            "scope, pattern" in str(err)
@@ -211,6 +215,7 @@ def test_apply_overrides_unknown_or_bad_key_raises():
     raw = params_over_defaults({})
     with pytest.raises(ParamError) as info:
         apply_overrides(raw, ["masks.sparsityy=0.7"])
+    record_refusal("override masks.sparsityy=0.7", str(info.value))
     assert info.value.key == "masks.sparsityy"
     assert "allowed keys here" in str(info.value)
     with pytest.raises(ParamError, match="masks.sparsity: must be in"):
