@@ -172,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "check":
         problems = preflight(Path(args.repo), args.stages or None)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
         if problems:
-            fail("\n".join(problems))
+            sys.exit(2)
         print("gradprune check: params.yaml and every artifact the stages read are usable")
         return
     if args.command == "track":

@@ -118,20 +118,27 @@ def test_bad_params_after_a_run_are_cheap_to_recover(micro_upstream, tmp_path):
 
 # --- kill at every stage --------------------------------------------------------------------
 
-def stage_process(repo: Path, module: str) -> int | None:
-    """The pid of `python -m tasks.<module>` running in `repo` (other repositories' stages on
-    this machine are not ours to kill)."""
+def stage_processes(repo: Path) -> dict[str, int]:
+    """{module: pid} of the `python -m tasks.<module>` processes running in `repo` (other
+    repositories' stages on this machine are not ours to kill)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            cwd = os.readlink(proc / "cwd")
+            if b"-m" not in argv or os.readlink(proc / "cwd") != str(repo):
+                continue
         except OSError:
             continue
-        if f"tasks.{module}".encode() in argv and b"-m" in argv and Path(cwd) == repo:
-            return int(proc.name)
-    return None
+        for module in STAGE_MODULES:
+            if f"tasks.{module}".encode() in argv:
+                found[module] = int(proc.name)
+    return found
+
+
+def stage_process(repo: Path, module: str) -> int | None:
+    return stage_processes(repo).get(module)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -150,13 +157,9 @@ def repro_watching(repo: Path, env: dict, kill: tuple[str, float] | None = None)
     {module: CPU seconds}, whether the kill landed)."""
     proc = subprocess.Popen(DVC + ["repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    used, landed, pids = {}, False, {}
+    used, landed = {}, False
     while proc.poll() is None:
-        for module in STAGE_MODULES:
-            pid = pids.get(module) or stage_process(repo, module)
-            if pid is None:
-                continue
-            pids[module] = pid
+        for module, pid in stage_processes(repo).items():
             cpu = cpu_seconds(pid)
             if cpu is None:
                 continue
@@ -164,7 +167,7 @@ def repro_watching(repo: Path, env: dict, kill: tuple[str, float] | None = None)
             if kill and kill[0] == module and not landed and cpu >= kill[1]:
                 os.kill(pid, signal.SIGKILL)
                 landed = True
-        time.sleep(0.02)
+        time.sleep(0.05)
     return proc.returncode, proc.stdout.read(), used, landed
 
 
@@ -220,7 +223,8 @@ def test_a_full_disk_fails_clearly_and_keeps_outputs_and_cache(micro_upstream, t
     DVC's intact cache byte for byte."""
     repo = copy_repo(micro_upstream, tmp_path / "repo")
     env = run_env(tmp_path)
-    before = snapshot(repo, "data/gradients")
+    commit_all(repo, "a finished run")
+    before = snapshot(repo, "data/gradients", "metrics/gradients.json")
     cache = {p: p.read_bytes() for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()}
     shim = tmp_path / "shim"
     shim.mkdir()
@@ -237,12 +241,17 @@ def test_a_full_disk_fails_clearly_and_keeps_outputs_and_cache(micro_upstream, t
     record_refusal("dvc repro of gradients under a 64 KiB file size limit",
                    "\n".join(line for line in log.splitlines()
                              if line.startswith(("error: ", "note: "))))
-    assert "Traceback" not in log
+    # The stage's own code raises nothing uncaught (MLflow's sqlite store logs a traceback of
+    # its failed commit before the stage's tracking warning; that one is MLflow's).
+    assert not [line for line in log.splitlines()
+                if line.strip().startswith("File ") and ("/tasks/" in line or "/gradprune/" in line)]
     assert temporaries(repo) == []
     assert {p: p.read_bytes() for p in (repo / ".dvc" / "cache").rglob("*")
             if p.is_file()} == cache
+    assert "`git checkout -- metrics/gradients.json` restores the committed copy" in log
     run(DVC + ["checkout", "gradients"], repo, env)
-    assert snapshot(repo, "data/gradients") == before
+    subprocess.run(["git", "checkout", "--", "metrics/gradients.json"], cwd=repo, check=True)
+    assert snapshot(repo, "data/gradients", "metrics/gradients.json") == before
     assert run(DVC + ["status", "gradients"], repo, env).strip() == \
         "Data and pipelines are up to date."
 
@@ -308,7 +317,9 @@ def test_tracking_server_outage_mid_run(micro_upstream, tmp_path):
 
         server = start_mlflow_server(tmp_path, port, env)
         done = run([sys.executable, "-m", "flows", "track"], repo, env)
-        assert done.strip().startswith(f"logged {len(untracked)} stage(s) from mlflow-untracked.json")
+        # (MLflow prints a "View run" line per run it ends before that.)
+        assert done.strip().splitlines()[-1].startswith(
+            f"logged {len(untracked)} stage(s) from mlflow-untracked.json: ")
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name("gradprune")
         runs = client.search_runs([experiment.experiment_id])
