@@ -16,6 +16,9 @@ import torch
 from conftest import copy_repo, run, run_env
 from safetensors.torch import load_file
 
+# Whole pipelines in subprocesses: the slow half of the suite.
+pytestmark = pytest.mark.integration
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # fp32 sums of the same terms in another order; atol covers entries that are sums of
 # cancelling terms (E[g] near zero), where a relative bound means nothing.

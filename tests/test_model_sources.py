@@ -215,6 +215,7 @@ def test_zero_training_steps_need_a_pretrained_source():
 
 # --- stages ----------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_prepare_and_train_keep_the_pretrained_model(tmp_path):
     source = tmp_path / "ckpt"
     save_hf_checkpoint(source, kv_heads=2)
@@ -244,6 +245,7 @@ def test_prepare_and_train_keep_the_pretrained_model(tmp_path):
     assert os.path.isfile(repo / "data" / "train" / "model" / "tokenizer.json")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
 def test_the_micro_dag_prunes_a_pretrained_source(tmp_path, kind):
     """The whole DAG, via `dvc repro`, from a tiny random LLaMA saved as a HF folder or written

@@ -18,6 +18,9 @@ import yaml
 from conftest import make_micro_repo, run, run_env
 from safetensors.torch import load_file
 
+# Whole pipelines in subprocesses: the slow half of the suite.
+pytestmark = pytest.mark.integration
+
 STAGES = ["prepare", "train", "gradients", "masks", "compare", "finetune", "average", "evaluate"]
 # The micro config's comparison rows: compare@<criterion>-<pattern>.
 COMPARE_ROWS = ["compare@sparsegpt-2:4"]
@@ -86,6 +89,31 @@ def test_second_repro_does_nothing(repro_repo):
     repo, env, _ = repro_repo
     log = run(DVC + ["repro"], repo, env)
     assert "Running stage" not in log
+    assert "up to date" in run(DVC + ["status"], repo, env)
+
+
+@pytest.mark.parametrize("module", ["gradprune/pruning/masks.py", "gradprune/models/llama.py",
+                                    "tasks/measure.py", "gradprune/data.py",
+                                    "gradprune/config/schema.py"])
+def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(repro_repo, module):
+    """The stage deps are the import closure: an edit anywhere a stage's code reaches is seen."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import stage_deps
+
+    repo, env, _ = repro_repo
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    importers = {name for name, files in stage_deps.expected_code_deps(spec, repo).items()
+                 if module in files}
+    assert importers
+    path = repo / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# an edit\n")
+        status = json.loads(run(DVC + ["status", "--json"], repo, env).strip().splitlines()[-1])
+    finally:
+        path.write_bytes(original)
+    changed = {name.split("@")[0] for name in status}
+    assert importers <= changed, f"{module}: dvc status missed {importers - changed}"
     assert "up to date" in run(DVC + ["status"], repo, env)
 
 

@@ -76,6 +76,7 @@ def _finish(child: subprocess.Popen) -> str:
     return err
 
 
+@pytest.mark.integration
 def test_sigkilled_run_resumes_bit_identical(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)

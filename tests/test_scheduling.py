@@ -26,6 +26,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, make_micro_repo, run, run_env
 
+# Whole pipelines in subprocesses: the slow half of the suite.
+pytestmark = pytest.mark.integration
+
 DVC = [sys.executable, "-m", "dvc"]
 FLOWS = [sys.executable, "-m", "flows"]
 

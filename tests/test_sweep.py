@@ -59,6 +59,7 @@ def test_shared_stages_are_those_no_grid_key_reaches(keys, shared):
     assert shared_stages(ROOT / "dvc.yaml", keys) == shared
 
 
+@pytest.mark.integration
 def test_the_cli_rejects_a_bad_grid_before_running_anything(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows", "sweep", "--grid",
                            "masks.criterio=gradient,magnitude"],
@@ -77,6 +78,7 @@ def swept(micro_upstream, session_tmp):
     return repo, env, json.loads(log[log.index("{\n"):log.rindex("}") + 1])
 
 
+@pytest.mark.integration
 def test_every_point_is_an_experiment_that_reuses_the_shared_stages(swept):
     repo, env, outcome = swept
     # The copied repository holds them already: DVC skips them in the workspace too.
@@ -109,6 +111,7 @@ def test_every_point_is_an_experiment_that_reuses_the_shared_stages(swept):
         assert f"\n{name}," in shown
 
 
+@pytest.mark.integration
 def test_the_sweep_writes_one_table_and_one_plot(swept):
     import pyarrow.parquet as pq
 
@@ -127,6 +130,7 @@ def test_the_sweep_writes_one_table_and_one_plot(swept):
     assert (folder / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 def test_the_sweep_is_one_mlflow_parent_over_the_points(swept):
     import mlflow
     from mlflow.tracking import MlflowClient
