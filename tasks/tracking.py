@@ -220,7 +220,9 @@ class StageRun:
                     "writes its outputs as usual; `gradprune track` logs it once the store is "
                     "back", uri, type(err).__name__, str(err).splitlines()[0][:200] if str(err)
                     else "")
-        record_untracked(self.name, self.run_id, f"{type(err).__name__}: {err}"[:300])
+        # A disk that failed the store may fail this list too; the stage still goes on.
+        _safe(lambda: record_untracked(self.name, self.run_id,
+                                       f"{type(err).__name__}: {err}"[:300]))
 
     def open(self) -> None:
         """Start the nested run under the execution's parent, with the params dvc.yaml
