@@ -201,8 +201,13 @@ def test_sigkill_at_a_random_moment_of_every_stage_loses_nothing(session_tmp, tm
     kills = {}
     for module in STAGE_MODULES:
         at = round(rng.uniform(0.1, 0.9) * used[module], 2)
-        code, log, _, landed = repro_watching(repo, env, kill=(module, at))
-        assert landed, f"{module} ended before {at} CPU seconds:\n{log[-2000:]}"
+        # A repro that ends before the stage reaches that moment (it failed or was killed from
+        # outside on this shared machine: one more fault to survive) is simply run again.
+        for _ in range(3):
+            code, log, _, landed = repro_watching(repo, env, kill=(module, at))
+            if landed:
+                break
+        assert landed, f"{module} never reached {at} CPU seconds (exit {code}):\n{log[-2000:]}"
         assert code != 0
         kills[module] = at
     code, log, _, _ = repro_watching(repo, env)
