@@ -51,8 +51,9 @@ def cell(text: str) -> str:
 
 
 def table(rows: list[dict], command: str) -> str:
-    lines = [f"{len(rows)} kinds of bad input, each refused before any compute with the message "
-             f"shown (`{command}`):", "", "| input | message |", "| --- | --- |"]
+    lines = [f"{len(rows)} kinds of bad input or failed write, each stopped with the message "
+             f"shown, bad input before any compute (`{command}`):", "", "| input | message |",
+             "| --- | --- |"]
     lines += [f"| {cell(r['kind'])} | {cell(r['message'])} |" for r in rows]
     return "\n".join(lines)
 
