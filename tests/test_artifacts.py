@@ -208,6 +208,7 @@ def test_recovery_note_names_what_dvc_removed(repo, monkeypatch):
                                       "artifacts in seconds")
 
 
+@pytest.mark.integration
 def test_gradprune_check_command(repo):
     import subprocess
 
@@ -242,6 +243,7 @@ def test_a_stage_names_the_stage_to_rerun(repo, capsys, monkeypatch):
         "`gradprune check` finds bad params and unreadable artifacts in seconds\n")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("writer", ["dir", "file"])
 def test_a_failed_write_names_the_output_and_leaves_no_temporary(tmp_path, writer):
     """Under a 4 KiB file size limit (Python ignores SIGXFSZ, so the write fails with EFBIG)."""

@@ -85,6 +85,7 @@ def test_gradprune_track_logs_the_stages_later(repo):
     assert track_untracked(params, repo) == []
 
 
+@pytest.mark.integration
 def test_runs_of_dead_processes_are_marked_killed(repo):
     from mlflow.tracking import MlflowClient
 
