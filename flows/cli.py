@@ -1,5 +1,10 @@
 """`gradprune` command line: run the pipeline flow now, or schedule it on a Prefect server.
 
+    gradprune check  [--stage STAGE]...                         params and every artifact the
+                                                                stages read, in seconds: run it
+                                                                before `dvc repro`
+    gradprune track                                             log to MLflow the stages that ran
+                                                                while it was unreachable
     gradprune run    [--set KEY=VALUE]... [--stage STAGE]...   run now (no server needed)
     gradprune serve  --cron "0 3 * * *" [...]                   schedule; this process runs them
     gradprune deploy --pool NAME --cron "0 3 * * *" [...]       schedule on a process work pool;
@@ -49,6 +54,18 @@ def flow_parameters(args: argparse.Namespace, overrides: dict) -> dict:
     apply_overrides(read_params_file(root / "params.yaml"), overrides)
     topological_order(stage_graph(root / "dvc.yaml"), args.stages or None)
     return {"overrides": overrides or None, "repo": str(root), "stages": args.stages or None}
+
+
+def preflight(root: Path, stages: list[str] | None) -> list[str]:
+    """`gradprune check` of `stages` and everything upstream of them (as `dvc repro` runs)."""
+    from flows.dag import stage_graph, topological_order
+    from tasks.artifacts import check_pipeline
+
+    try:
+        order = topological_order(stage_graph(root / "dvc.yaml"), stages)
+    except (ValueError, FileNotFoundError) as err:
+        return [str(err)]
+    return check_pipeline(root, order)
 
 
 def check_cron(cron: str) -> None:
@@ -163,6 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     deploy_cmd.add_argument("--pool", required=True, help="process work pool (created if missing)")
     exp.add_argument("--name", help="the experiment's name in `dvc exp show`")
     exp.add_argument("targets", nargs="*", help="stages to run with what they need (default: all)")
+    check = sub.add_parser("check", help="check params.yaml and every artifact the stages read "
+                           "(seconds, nothing computed): run it before `dvc repro`, which "
+                           "removes a stage's outputs before the stage can refuse bad input")
+    check.add_argument("--stage", dest="stages", action="append", default=[], metavar="STAGE",
+                       help="check only what this stage and its upstream stages read "
+                            "(repeatable; default: every stage)")
+    check.add_argument("--repo", default=".", help="repository root (default: current folder)")
+    track = sub.add_parser("track", help="log to MLflow the stages that ran while it was "
+                           "unreachable (mlflow-untracked.json), and mark runs whose process "
+                           "died KILLED")
+    track.add_argument("--repo", default=".", help="repository root (default: current folder)")
     sweep = sub.add_parser("sweep", help="run a grid of params points, each a DVC experiment")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="a params.yaml key and its values (repeatable: the grid is every "
@@ -197,6 +225,26 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--repo", default=".", help="repository root (default: current folder)")
     args = parser.parse_args(argv)
 
+    if args.command == "check":
+        problems = preflight(Path(args.repo), args.stages or None)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if problems:
+            sys.exit(2)
+        print("gradprune check: params.yaml and every artifact the stages read are usable")
+        return
+    if args.command == "track":
+        from gradprune.config import load_params
+        from tasks.tracking import UNTRACKED, track_untracked
+
+        root = Path(args.repo)
+        try:
+            logged = track_untracked(load_params(root / "params.yaml"), root)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        print(f"logged {len(logged)} stage(s) from {UNTRACKED}: {', '.join(logged)}" if logged
+              else f"nothing to log: no {UNTRACKED}")
+        return
     try:
         if args.command == "plan":
             sys.exit(print_plan(args))

@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from flows.dag import stage_graph, topological_order
 from gradprune.config import apply_overrides, load_params, read_params_file, set_dotted
 from gradprune.io import atomic_file
+from tasks.artifacts import check_pipeline
 from tasks.tracking import PARENT_ENV, create_parent_run, finish_parent_run, link_prefect_flow_run
 
 
@@ -42,9 +43,10 @@ def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
         rt.dump(doc, f)
 
 
-def stage_environment(parent_run_id: str) -> dict[str, str]:
+def stage_environment(parent_run_id: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    env[PARENT_ENV] = parent_run_id
+    if parent_run_id is not None:
+        env[PARENT_ENV] = parent_run_id
     env.setdefault("DVC_NO_ANALYTICS", "1")
     # The stages' `python` must be this interpreter, with this environment's packages.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -52,7 +54,7 @@ def stage_environment(parent_run_id: str) -> dict[str, str]:
 
 
 @task(name="stage", task_run_name="{stage}")
-def run_stage(stage: str, parent_run_id: str, repo: str) -> str:
+def run_stage(stage: str, parent_run_id: str | None, repo: str) -> str:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     done = subprocess.run(cmd, cwd=repo, env=stage_environment(parent_run_id),
@@ -97,10 +99,20 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
     order = topological_order(stage_graph(root / "dvc.yaml"), stages)
     if overrides:
         write_overrides(params_file, overrides)
+    # Before any stage: `dvc repro` removes a stage's outputs before the stage can refuse.
+    problems = check_pipeline(root, order)
+    if problems:
+        raise ValueError("gradprune check failed, nothing was run:\n" + "\n".join(problems))
     params = load_params(params_file)
-    parent_id = create_parent_run(params, launcher="prefect", root=root,
-                                  overrides=overrides or {})
-    link_flow_run_and_mlflow(parent_id, params.mlflow.experiment)
+    try:
+        parent_id = create_parent_run(params, launcher="prefect", root=root,
+                                      overrides=overrides or {})
+    except Exception as err:  # the tracking store is down: the pipeline runs untracked
+        get_run_logger().warning("tracking: no MLflow parent run (%s: %s); the stages run and "
+                                 "list themselves for `gradprune track`", type(err).__name__, err)
+        parent_id = None
+    if parent_id is not None:
+        link_flow_run_and_mlflow(parent_id, params.mlflow.experiment)
     outcome: dict[str, str] = {}
     try:
         for stage in order:

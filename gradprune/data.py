@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gradprune.config.choices import BOOLQ_QUESTIONS_KEPT_FOR_ZEROSHOT, OOD_TEXTS
+from gradprune.io import ArtifactError, reading
 from gradprune.models.seq2seq import is_seq2seq_folder
 from gradprune.packaged import (
     BENCHMARK_VALIDATION,
@@ -184,15 +185,15 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: tokenizer folder missing (data.tokenizer, or rerun "
-                                "the prepare stage)")
-    if is_seq2seq_folder(path):
-        from transformers import PreTrainedTokenizerFast
+        raise ArtifactError(path, "tokenizer folder missing")
+    with reading(path, "tokenizer folder"):
+        if is_seq2seq_folder(path):
+            from transformers import PreTrainedTokenizerFast
 
-        # AutoTokenizer would read the folder's config.json, whose model type transformers
-        # does not know; the tokenizer itself is an ordinary tokenizer.json.
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+            # AutoTokenizer would read the folder's config.json, whose model type transformers
+            # does not know; the tokenizer itself is an ordinary tokenizer.json.
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
 
 
 def token_blocks(documents: list[str], tokenizer, block_size: int) -> torch.Tensor:
@@ -226,13 +227,11 @@ def write_blocks(path: str | Path, blocks: torch.Tensor) -> None:
 def read_blocks(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: token blocks missing; run the prepare stage")
-    try:
+        raise ArtifactError(path, "token blocks missing")
+    with reading(path, "token blocks"):
         column = pq.read_table(path).column("input_ids").combine_chunks()
-    except (pa.ArrowInvalid, KeyError) as err:
-        raise ValueError(f"{path}: corrupt token blocks ({err}); rerun the prepare stage") from None
-    width = column.type.list_size
-    return torch.from_numpy(column.flatten().to_numpy().copy()).view(-1, width).long()
+        width = column.type.list_size
+        return torch.from_numpy(column.flatten().to_numpy().copy()).view(-1, width).long()
 
 
 # --- the seq2seq task: T5-style span corruption --------------------------------------------

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gradprune.config import Params, parse_pattern
+from gradprune.config import CRITERIA, ParamError, Params, parse_pattern
 from gradprune.config.schema import row_not_applicable, split_row_pattern
 from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
@@ -92,8 +92,25 @@ def speedup(model, vocab_size: int, params: Params, device) -> dict:
     return report
 
 
+def row_of(params: Params, stage: Stage) -> tuple[str, str]:
+    """(criterion, pattern) of this row: the command line's, else the matrix item DVC ran,
+    which must be one of compare.criteria x compare.patterns; both checked before any compute."""
+    if stage.args.criterion is not None:
+        criterion, pattern = stage.args.criterion, stage.args.pattern
+        if criterion not in CRITERIA:
+            raise ParamError("--criterion", f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
+        split_row_pattern(pattern, "--pattern")
+        return criterion, pattern
+    rows = {f"{c}-{p}": (c, p) for c in params.compare.criteria for p in params.compare.patterns}
+    key = stage.name.partition("@")[2]
+    if key not in rows:
+        raise ParamError("compare", f"row {key!r} is not one of compare.criteria x "
+                         f"compare.patterns ({', '.join(rows)}); run `dvc repro compare`")
+    return rows[key]
+
+
 def run(params: Params, stage: Stage) -> dict:
-    criterion, pattern = stage.args.criterion, stage.args.pattern
+    criterion, pattern = row_of(params, stage)
     reason = row_not_applicable(criterion, pattern)
     if reason is not None:
         with atomic_dir(DATA / "compare" / f"{criterion}-{pattern}") as out:
@@ -195,5 +212,6 @@ def register_row_model(stage: Stage, model, tokenizer, scored: dict, criterion: 
 
 if __name__ == "__main__":
     stage_main("compare", run, arguments={
-        "--criterion": {"required": True, "help": "one of masks.criterion's values"},
-        "--pattern": {"required": True, "help": "unstructured, N:M or structured"}})
+        "--criterion": {"help": "one of masks.criterion's values (default: the row DVC runs, "
+                                "named in DVC_STAGE)"},
+        "--pattern": {"help": "unstructured, N:M or structured (default: DVC_STAGE's row)"}})

@@ -33,6 +33,19 @@ OUT = DATA / "prepare"
 SPLITS = ("train", "val", "test")
 
 
+def too_small_fix(split: str, cfg) -> str:
+    """What makes a split that holds no block larger. Train gets what val and test leave, so a
+    larger val_fraction shrinks it: its fix is lowering the other two."""
+    if split == "train":
+        grow = (f"lower data.val_fraction + data.test_fraction (now {cfg.val_fraction} + "
+                f"{cfg.test_fraction}) to leave train more documents")
+    else:
+        grow = f"raise data.{split}_fraction (now {getattr(cfg, f'{split}_fraction')})"
+    more = (f", raise data.max_documents (now {cfg.max_documents})"
+            if cfg.max_documents is not None else "")
+    return f"use a larger corpus, {grow}{more}, or lower data.block_size"
+
+
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.data
     raw, checksum = load_documents(cfg.source, cfg.text_field)
@@ -52,9 +65,7 @@ def run(params: Params, stage: Stage) -> dict:
         if len(blocks[name]) == 0:
             raise CorpusError(
                 f"data.source: the {name} split of {cfg.source} holds fewer than "
-                f"data.block_size={cfg.block_size} tokens; use a larger corpus (or raise "
-                f"data.max_documents / data.{name if name != 'train' else 'val'}_fraction) "
-                "or a smaller data.block_size")
+                f"data.block_size={cfg.block_size} tokens; {too_small_fix(name, cfg)}")
     task = None
     if params.model.arch == "seq2seq":
         blocks, task = seq2seq_task(params, tokenizer, blocks)

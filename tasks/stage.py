@@ -22,7 +22,7 @@ from typing import Callable
 from gradprune.config import ParamError, Params, load_params
 from gradprune.data import CorpusError
 from gradprune.device import device_name, peak_memory_bytes, reset_peak_memory, resolve_device
-from gradprune.io import remove_stale_temporaries, write_json
+from gradprune.io import ArtifactError, remove_stale_temporaries, write_json
 from gradprune.progress import elapsed, progress_interval
 from gradprune.training.parallel import (
     init_process_group_from_env,
@@ -30,6 +30,7 @@ from gradprune.training.parallel import (
     rank_and_size,
     shutdown_process_group,
 )
+from tasks.artifacts import artifact_remedy, recovery_note
 
 DATA = Path("data")
 METRICS = Path("metrics")
@@ -38,6 +39,11 @@ METRICS = Path("metrics")
 # readable.
 REPORTS = Path("reports")
 PLOTS = Path("plots")
+# Beside every metrics file: what produced its numbers (library versions, threads), which
+# `dvc metrics show` and the numbers-only metrics files leave out.
+ENVIRONMENT = METRICS / "environment"
+# The libraries whose versions can move a stage's numbers.
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "pyarrow", "numpy")
 EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)
 
 
@@ -147,6 +153,26 @@ def join_data_parallel(name: str, supported: bool) -> int:
     return processes
 
 
+def matrix_key(name: str, args: argparse.Namespace, arguments: dict[str, dict]) -> str:
+    """The matrix item a stage runs: its command-line values joined by `-`, or, when none are
+    given, the item DVC names in DVC_STAGE (`compare@gradient-2:4`).
+
+    dvc.yaml's matrix commands carry no values: DVC substitutes `${item.*}` into a shell
+    command before any check runs, so a params value such as `x; touch owned` would run as
+    shell code. The stage learns its item from DVC_STAGE instead and checks it against the
+    validated params (the stage's `run`)."""
+    values = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag in arguments]
+    if all(v is not None for v in values):
+        return "-".join(map(str, values))
+    group, _, key = os.environ.get("DVC_STAGE", "").partition("@")
+    if any(v is not None for v in values) or group != name or not key:
+        flags = " and ".join(arguments)
+        print(f"error: stage {name} is a matrix: give {flags}, or run it through DVC "
+              f"(`dvc repro {name}`), which names the item in DVC_STAGE", file=sys.stderr)
+        sys.exit(2)
+    return key
+
+
 def stage_main(name: str, run: Callable[[Params, Stage], dict],
                arguments: dict[str, dict] | None = None, data_parallel: bool = False) -> None:
     """Run a stage. `arguments` adds command-line options ({"--criterion": {...}}); a stage
@@ -162,13 +188,13 @@ def stage_main(name: str, run: Callable[[Params, Stage], dict],
         parser.add_argument(flag, **options)
     args = parser.parse_args()
     if arguments:
-        name = f"{name}@" + "-".join(str(getattr(args, f.lstrip("-").replace("-", "_")))
-                                      for f in arguments)
+        name = f"{name}@{matrix_key(name, args, arguments)}"
     try:
         params = load_params(args.params)
         device = resolve_device(params.device)
     except (ParamError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        print(recovery_note(name), file=sys.stderr)
         sys.exit(2)
 
     processes = join_data_parallel(name, data_parallel)
@@ -214,10 +240,33 @@ def numbers_only(record: dict) -> dict:
     return kept
 
 
-def _report_expected_error(err: BaseException) -> None:
+def _report_expected_error(err: BaseException, stage: Stage | None = None) -> None:
     if os.environ.get("GRADPRUNE_TRACEBACK"):
         traceback.print_exc()
-    print(f"error: {err}", file=sys.stderr)
+    message = f"error: {err}"
+    if isinstance(err, ArtifactError):
+        message += f"; {artifact_remedy(err.path, stage.params if stage else None)}"
+    print(message, file=sys.stderr)
+    if stage is not None:
+        print(recovery_note(stage.name), file=sys.stderr)
+
+
+def environment() -> dict:
+    """Library versions and thread counts of this process: what, besides code, data and
+    params, can move a stage's numbers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "versions": versions}
 
 
 def _run_untracked(stage: Stage, run: Callable[[Params, Stage], dict]) -> None:
@@ -225,7 +274,7 @@ def _run_untracked(stage: Stage, run: Callable[[Params, Stage], dict]) -> None:
     try:
         run(stage.params, stage)
     except EXPECTED_ERRORS as err:
-        _report_expected_error(err)
+        _report_expected_error(err, stage)
         sys.exit(1)
 
 
@@ -236,7 +285,8 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
 
     name, params = stage.name, stage.params
     for folder in (DATA, METRICS, METRICS / name.split("@")[0], REPORTS,
-                   REPORTS / name.split("@")[0], PLOTS):
+                   REPORTS / name.split("@")[0], PLOTS, ENVIRONMENT,
+                   ENVIRONMENT / name.split("@")[0]):
         remove_stale_temporaries(folder)
     started = time.perf_counter()
     reset_peak_memory(stage.device)
@@ -253,12 +303,15 @@ def _run_tracked(stage: Stage, run: Callable[[Params, Stage], dict],
             metrics["cuda"] = int(stage.device.type == "cuda")
             if (peak := peak_memory_bytes(stage.device)) is not None:
                 metrics["peak_device_mb"] = round(peak / 2**20, 1)
+            produced_by = environment()
+            metrics["threads"] = produced_by["threads"]
             relative = f"{name.replace('@', '/')}.json"
+            write_json(ENVIRONMENT / relative, produced_by)
             write_json(REPORTS / relative, metrics)
             path = METRICS / relative
             write_json(path, numbers_only(metrics))
             tracked.log_metrics(metrics, path)
             tracked.log_artifact(REPORTS / relative, "reports")
     except EXPECTED_ERRORS as err:
-        _report_expected_error(err)
+        _report_expected_error(err, stage)
         sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +46,39 @@ def deep_merge(base: dict, changes: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def record_refusal(kind: str, message: str) -> None:
+    """What a bad-input test fed in and the message the user got, appended as a JSON line to
+    $GRADPRUNE_REFUSALS when set: scripts/reliability_table.py makes docs/RELIABILITY.md's
+    table of refused inputs from these records."""
+    import json
+
+    path = os.environ.get("GRADPRUNE_REFUSALS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, "message": message.strip()}) + "\n")
+
+
+def dotted_changes(changes: dict, prefix: str = "") -> str:
+    """{"masks": {"sparsity": 1.5}} -> "masks.sparsity: 1.5", as a table row names an input."""
+    parts = []
+    for key, value in changes.items():
+        if isinstance(value, dict) and value:
+            parts.append(dotted_changes(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}: {json.dumps(value) if not isinstance(value, float) else value}")
+    return ", ".join(parts)
+
+
+def params_over_defaults(changes: dict) -> dict:
+    """A complete raw params dict: the schema's defaults with `changes` laid over them. Every
+    section is required, so a test that sets a few keys says where the rest come from."""
+    import dataclasses
+
+    from gradprune.config import Params
+
+    return deep_merge(dataclasses.asdict(Params()), changes)
 
 
 def micro_params() -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, micro_params
+from conftest import ROOT, micro_params, record_refusal
 
 
 @pytest.fixture
@@ -42,6 +42,10 @@ def run_prepare(monkeypatch, params: Path) -> int:
     return exit_info.value.code
 
 
+def first_error(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if line.startswith("error: "))
+
+
 def assert_nothing_written(folder: Path) -> None:
     for name in ("data", "metrics", "plots"):
         leftovers = [p for p in (folder / name).rglob("*")] if (folder / name).exists() else []
@@ -70,6 +74,7 @@ def test_missing_corpus_path_names_the_path(workdir, monkeypatch, capsys):
     code = run_prepare(monkeypatch, write_params(workdir, data={"source": str(missing)}))
     assert code == 2
     err = capsys.readouterr().err
+    record_refusal("data.source: a file that does not exist", first_error(err))
     assert "data.source" in err and str(missing) in err and "does not exist" in err
     assert_nothing_written(workdir)
 
@@ -80,7 +85,50 @@ def test_corpus_too_small_for_a_block_per_split(workdir, monkeypatch, capsys):
     code = run_prepare(monkeypatch, write_params(workdir, data={"source": str(corpus)}))
     assert code == 1
     err = capsys.readouterr().err
-    assert "fewer than data.block_size=64 tokens" in err and str(corpus) in err
+    record_refusal("data.source: a corpus too small for one block per split", first_error(err))
+    assert f"the train split of {corpus} holds fewer than data.block_size=64 tokens" in err
+    # Train gets what val and test leave: the fix lowers their fractions, never raises one.
+    assert ("use a larger corpus, lower data.val_fraction + data.test_fraction (now 0.1 + 0.1) "
+            "to leave train more documents, raise data.max_documents (now 240), or lower "
+            "data.block_size") in err
+    assert_nothing_written(workdir)
+
+
+def test_small_split_fix_names_the_split_own_fraction():
+    from gradprune.config import DataParams
+    from tasks.prepare import too_small_fix
+
+    cfg = DataParams(val_fraction=0.05, test_fraction=0.02)
+    assert too_small_fix("test", cfg) == ("use a larger corpus, raise data.test_fraction "
+                                          "(now 0.02), or lower data.block_size")
+    assert too_small_fix("val", cfg) == ("use a larger corpus, raise data.val_fraction "
+                                         "(now 0.05), or lower data.block_size")
+    assert too_small_fix("train", cfg) == (
+        "use a larger corpus, lower data.val_fraction + data.test_fraction (now 0.05 + 0.02) "
+        "to leave train more documents, or lower data.block_size")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "params: {path}: is empty; every section (seed, data, model, ...) is required"),
+    ("seed: 3\n", "params: device: missing sections device, data, model, train, gradients, masks, "
+                  "finetune, average, evaluate, compare, mlflow; every section is required"),
+])
+def test_stage_refuses_an_empty_or_partial_params_file(workdir, monkeypatch, capsys, text,
+                                                       expected):
+    params = workdir / "params.yaml"
+    params.write_text(text)
+    assert run_prepare(monkeypatch, params) == 2
+    err = capsys.readouterr().err
+    record_refusal(f"a stage started on params.yaml holding {text.strip() or 'nothing'!r}",
+                   first_error(err))
+    assert expected.format(path=params) in err
+    assert_nothing_written(workdir)
+
+
+def test_infinite_learning_rate_stops_before_compute(workdir, monkeypatch, capsys):
+    code = run_prepare(monkeypatch, write_params(workdir, finetune={"lr": float("inf")}))
+    assert code == 2
+    assert "params: finetune.lr: must be a finite number, got inf" in capsys.readouterr().err
     assert_nothing_written(workdir)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import dotted_changes, micro_params, params_over_defaults, record_refusal
 
 from gradprune.config import (
     MaskParams,
@@ -24,8 +25,61 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_validate():
     params = Params()
     params.check()
-    assert params_from_dict({}) == params
+    assert params_from_dict(params_over_defaults({})) == params
     assert params.masks == MaskParams(criterion="gradient", tau=None, sparsity=0.5, scope="global")
+
+
+def test_every_section_is_required():
+    """A stage started on a file without a section must not run on built-in defaults."""
+    with pytest.raises(ParamError) as info:
+        params_from_dict({}, complete=True)
+    record_refusal("params.yaml without its sections", str(info.value))
+    assert str(info.value) == (
+        "params: seed: missing sections seed, device, data, model, train, gradients, masks, "
+        "finetune, average, evaluate, compare, mlflow; every section is required (seed, device, "
+        "data, model, train, gradients, masks, finetune, average, evaluate, compare, mlflow): "
+        "copy it from "
+        "the repository's params.yaml")
+    raw = params_over_defaults({})
+    del raw["masks"]
+    with pytest.raises(ParamError, match="^params: masks: missing section masks; every"):
+        params_from_dict(raw, complete=True)
+    raw = params_over_defaults({"finetune": None})  # `finetune:` with nothing under it
+    with pytest.raises(ParamError, match="^params: finetune: missing section finetune;"):
+        params_from_dict(raw, complete=True)
+
+
+def test_empty_params_file_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    for text in ("", "# only a comment\n", "{}\n"):
+        path.write_text(text)
+        with pytest.raises(ParamError) as info:
+            load_params(path)
+        record_refusal(f"params.yaml that is empty ({text.strip() or 'no text'})",
+                       str(info.value))
+        assert str(info.value) == (f"params: {path}: is empty; every section (seed, data, "
+                                   "model, ...) is required: copy the repository's params.yaml")
+
+
+@pytest.mark.parametrize("changes, key, value", [
+    ({"finetune": {"lr": float("inf")}}, "finetune.lr", "inf"),
+    ({"train": {"grad_clip": float("nan")}}, "train.grad_clip", "nan"),
+    ({"masks": {"sparsity": float("-inf")}}, "masks.sparsity", "-inf"),
+    ({"masks": {"overrides": {"*.mlp.*": float("nan")}}}, "masks.overrides.*.mlp.*", "nan"),
+])
+def test_every_float_is_finite(changes, key, value):
+    err = _error(changes)
+    assert err.key == key
+    assert str(err) == f"params: {key}: must be a finite number, got {value}"
+
+
+def test_yaml_infinity_is_refused_with_its_key(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    text = (ROOT / "params.yaml").read_text().replace("  lr: 0.001\n", "  lr: .inf\n")
+    assert text != (ROOT / "params.yaml").read_text() and raw["finetune"]["lr"] == 0.001
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamError, match=r"^params: finetune.lr: must be a finite number, got inf$"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_repo_params_yaml_loads():
@@ -39,11 +93,11 @@ def test_repo_params_yaml_loads():
 
 
 def test_micro_params_yaml_loads():
-    params = load_params(ROOT / "tests" / "micro_params.yaml")
+    params = params_from_dict(micro_params())
     assert params.seed == 7
     assert params.model.hidden == 32 and params.model.heads == 4 and params.model.kv_heads == 2
     assert params.finetune.checkpoints == 3 and params.finetune.steps == 9
-    # keys the micro file leaves out keep their defaults
+    # keys the micro file leaves out come from the repository's params.yaml
     assert params.finetune.weight_decay == 0.0
     assert params.masks.scope == "global"
 
@@ -60,9 +114,10 @@ def test_invalid_yaml_is_param_error(tmp_path):
         load_params(path)
 
 
-def _error(raw: dict) -> ParamError:
+def _error(changes: dict) -> ParamError:
     with pytest.raises(ParamError) as info:
-        params_from_dict(raw)
+        params_from_dict(params_over_defaults(changes))
+    record_refusal(dotted_changes(changes), str(info.value))
     return info.value
 
 
@@ -120,7 +175,7 @@ def test_bad_value_names_key_and_what_is_allowed(raw, key, allowed):
 
 
 def test_unknown_key_lists_allowed_keys():
-    err = _error({"masks": {"sparsity": 0.5, "sparsty": 0.7}})
+    err = _error({"masks": {"sparsity": 0.5, "sparsty": 0.7}})  # recorded by _error
     assert err.key == "masks.sparsty"
     assert "unknown key; allowed keys here: criterion, variant, gblm_alpha, tau, sparsity, " \
            "scope, pattern" in str(err)
@@ -134,8 +189,8 @@ def test_param_error_is_value_error():
 
 
 def test_tau_alone_is_valid_and_int_becomes_float():
-    params = params_from_dict({"masks": {"tau": 0, "sparsity": None},
-                               "compare": {"sparsity": 0.5}})
+    params = params_from_dict(params_over_defaults({"masks": {"tau": 0, "sparsity": None},
+                                                    "compare": {"sparsity": 0.5}}))
     assert params.masks.tau == 0.0 and isinstance(params.masks.tau, float)
     assert params.masks.sparsity is None
 
@@ -161,20 +216,22 @@ def test_apply_overrides_parses_yaml_values():
 
 
 def test_apply_overrides_unknown_or_bad_key_raises():
+    raw = params_over_defaults({})
     with pytest.raises(ParamError) as info:
-        apply_overrides({}, ["masks.sparsityy=0.7"])
+        apply_overrides(raw, ["masks.sparsityy=0.7"])
+    record_refusal("override masks.sparsityy=0.7", str(info.value))
     assert info.value.key == "masks.sparsityy"
     assert "allowed keys here" in str(info.value)
     with pytest.raises(ParamError, match="masks.sparsity: must be in"):
-        apply_overrides({}, ["masks.sparsity=1.5"])
+        apply_overrides(raw, ["masks.sparsity=1.5"])
     with pytest.raises(ParamError, match="key.path=value"):
-        apply_overrides({}, ["masks.sparsity"])
+        apply_overrides(raw, ["masks.sparsity"])
     with pytest.raises(ParamError, match="seed is not a section"):
         apply_overrides({"seed": 1}, ["seed.x=1"])
 
 
 def test_section_dict_flattens():
-    params = params_from_dict({"masks": {"sparsity": 0.25}})
+    params = params_from_dict(params_over_defaults({"masks": {"sparsity": 0.25}}))
     flat = section_dict(params, "masks")
     assert {k: flat[k] for k in ("masks.criterion", "masks.tau", "masks.sparsity",
                                  "masks.scope")} == {"masks.criterion": "gradient",

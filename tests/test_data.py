@@ -23,7 +23,7 @@ from gradprune.data import (
     write_blocks,
 )
 from gradprune.evaluation.perplexity import unigram_perplexity
-from gradprune.io import atomic_dir
+from gradprune.io import ArtifactError, atomic_dir
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -174,11 +174,11 @@ def test_write_read_blocks_round_trip(tmp_path, tokenizer):
 
 
 def test_read_blocks_errors_name_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'no.parquet'}: token blocks"):
+    with pytest.raises(ArtifactError, match=f"{tmp_path / 'no.parquet'}: token blocks missing"):
         read_blocks(tmp_path / "no.parquet")
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(ValueError, match=f"{bad}: corrupt token blocks"):
+    with pytest.raises(ArtifactError, match=f"{bad}: unreadable token blocks \\(ArrowInvalid"):
         read_blocks(bad)
 
 

@@ -55,7 +55,9 @@ def test_a_stage_refuses_a_missing_gpu_before_it_computes(tmp_path, monkeypatch,
 
     from tasks import stage
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"device": "cuda"}))
+    from conftest import params_over_defaults
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_over_defaults({"device": "cuda"})))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["prog", "--params", str(tmp_path / "params.yaml")])
     called = []

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import params_over_defaults
 from safetensors.torch import load_file, save_file
 
 from gradprune.config import FinetuneParams, ModelParams, params_from_dict
@@ -250,10 +251,11 @@ def workspace(tmp_path, monkeypatch):
 
 
 def _params(**average):
-    return params_from_dict({"finetune": {"steps": 6, "batch_size": 4, "warmup_steps": 1,
-                                          "eval_every": 2, "eval_blocks": 4, "checkpoints": 3,
-                                          "runs": 2, "distill_weight": 0.5, "bf16": "off"},
-                             "average": average})
+    return params_from_dict(params_over_defaults({
+        "finetune": {"steps": 6, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
+                     "eval_blocks": 4, "checkpoints": 3, "runs": 2, "distill_weight": 0.5,
+                     "bf16": "off"},
+        "average": average}))
 
 
 def test_finetune_and_every_average_method_keep_the_mask(workspace, caplog):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -59,6 +60,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamError(key, f"must be a number, got {value!r}")
+        # .inf and .nan are YAML floats; no knob means them, and they fail only mid-compute.
+        if not math.isfinite(value):
+            raise ParamError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -83,7 +87,24 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def params_from_dict(raw: dict) -> Params:
+def _require_sections(raw: dict) -> None:
+    """Every section of params.yaml must be there: a stage started directly on a file that
+    lacks one would otherwise run on built-in defaults that no file records."""
+    if not isinstance(raw, dict):
+        return  # _build names the problem
+    names = [f.name for f in dataclasses.fields(Params)]
+    missing = [name for name in names if raw.get(name) is None]
+    if missing:
+        raise ParamError(missing[0], f"missing section{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)}; every section is required ({', '.join(names)}): "
+                         "copy it from the repository's params.yaml")
+
+
+def params_from_dict(raw: dict, *, complete: bool = False) -> Params:
+    """Validated params from a raw mapping. `complete`: the mapping is a params file, so every
+    section must be in it; otherwise (a notebook, a test) missing sections take the defaults."""
+    if complete:
+        _require_sections(raw)
     params = _build(Params, raw, "")
     params.check()
     return params
@@ -113,11 +134,14 @@ def read_params_file(path: str | Path) -> dict:
         raw = _yaml12(path.read_text())
     except YAMLError as err:
         raise ParamError(str(path), f"not valid YAML: {err}") from None
-    return raw or {}
+    if not raw:
+        raise ParamError(str(path), "is empty; every section (seed, data, model, ...) is "
+                         "required: copy the repository's params.yaml")
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    return params_from_dict(read_params_file(path))
+    return params_from_dict(read_params_file(path), complete=True)
 
 
 def split_override(item: str) -> tuple[str, str]:
@@ -160,5 +184,5 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str]) -> dict:
     result = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         set_dotted(result, dotted, value)
-    params_from_dict(result)
+    params_from_dict(result, complete=True)
     return result

@@ -11,6 +11,7 @@ from torch import nn
 
 from gradprune.config import ModelParams
 from gradprune.device import bf16_autocast, bf16_supported, model_device
+from gradprune.io import ArtifactError, reading
 from gradprune.models.seq2seq import (
     Seq2SeqConfig,
     Seq2SeqTransformer,
@@ -58,14 +59,14 @@ def load_model(path: str | Path, device: torch.device | str | None = None,
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no Hugging Face model here (config.json missing); "
-                                "run the stage that makes it")
-    if is_seq2seq_folder(path):
-        model = load_seq2seq(path)
-        return model.to(device=device, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=False,
-                                                device_map=None if device is None else device)
+        raise ArtifactError(path, "no Hugging Face model here (config.json missing)")
+    with reading(path, "model folder"):
+        if is_seq2seq_folder(path):
+            model = load_seq2seq(path)
+            return model.to(device=device, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False,
+                                                    device_map=None if device is None else device)
 
 
 def check_vocab(model, tokenizer, source: str) -> None:

