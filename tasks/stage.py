@@ -41,7 +41,7 @@ REPORTS = Path("reports")
 PLOTS = Path("plots")
 # Beside every metrics file: what produced its numbers (library versions, threads), which
 # `dvc metrics show` and the numbers-only metrics files leave out.
-ENVIRONMENT = METRICS / "environment"
+ENVIRONMENT = REPORTS / "environment"
 # The libraries whose versions can move a stage's numbers.
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "pyarrow", "numpy")
 EXPECTED_ERRORS = (ParamError, CorpusError, FileNotFoundError, ValueError, FloatingPointError)

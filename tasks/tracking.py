@@ -271,7 +271,7 @@ class StageRun:
 
     def log_params(self, values: dict) -> None:
         """Params beyond params.yaml's that the stage learns as it starts (the device's name)."""
-        self._mlflow.log_params(values)
+        self._guard(lambda: self._mlflow.log_params(values))
 
     def log_metrics(self, metrics: dict, path: Path) -> None:
         """The numbers of a stage's metrics file, and the file itself."""
@@ -544,7 +544,7 @@ def track_untracked(params: Params, root: Path = Path(".")) -> list[str]:
             if metrics_file.is_file():
                 mlflow.log_metrics({k: float(v) for k, v in _flatten(read_json(metrics_file)).items()})
                 mlflow.log_artifact(str(metrics_file), "metrics")
-            environment = root / "metrics" / "environment" / f"{stage.replace('@', '/')}.json"
+            environment = root / "reports" / "environment" / f"{stage.replace('@', '/')}.json"
             if environment.is_file():
                 mlflow.log_artifact(str(environment), "metrics")
         logged.append(stage)

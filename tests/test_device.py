@@ -52,10 +52,9 @@ def test_a_stage_refuses_a_missing_gpu_before_it_computes(tmp_path, monkeypatch,
     import sys
 
     import yaml
+    from conftest import params_over_defaults
 
     from tasks import stage
-
-    from conftest import params_over_defaults
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_over_defaults({"device": "cuda"})))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

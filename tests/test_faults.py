@@ -101,8 +101,8 @@ def test_bad_params_after_a_run_are_cheap_to_recover(micro_upstream, tmp_path):
     assert code != 0
     assert "error: params: masks.sparsity: must be in [0, 1), got 1.5" in log
     assert ("note: dvc repro removed this stage's outputs before it ran; `dvc checkout masks` "
-            "restores data/masks from DVC's cache; `git checkout -- metrics/masks.json` restores "
-            "the committed copy") in log
+            "restores data/masks from DVC's cache; `git checkout -- reports/masks.json "
+            "metrics/masks.json` restores the committed copies") in log
     assert snapshot(repo, *outputs) == {}  # what DVC did before the stage could refuse
     record_refusal("dvc repro after a run, masks.sparsity: 1.5",
                    "\n".join(line for line in log.splitlines()
@@ -110,7 +110,8 @@ def test_bad_params_after_a_run_are_cheap_to_recover(micro_upstream, tmp_path):
 
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=repo, check=True)  # the fix
     attempt(DVC + ["checkout", "masks"], repo, env)
-    subprocess.run(["git", "checkout", "--", "metrics/masks.json"], cwd=repo, check=True)
+    subprocess.run(["git", "checkout", "--", "reports/masks.json", "metrics/masks.json"], cwd=repo,
+                   check=True)
     assert snapshot(repo, *outputs) == before
     code, log = attempt(DVC + ["status", "masks"], repo, env)
     assert (code, log.strip()) == (0, "Data and pipelines are up to date.")
@@ -172,15 +173,16 @@ def repro_watching(repo: Path, env: dict, kill: tuple[str, float] | None = None)
 
 
 def locked_outs(repo: Path) -> dict[str, str]:
-    """{out path: md5} of dvc.lock: data and plots. Metrics files are left out: they hold
-    wall-clock seconds and peak memory."""
+    """{out path: md5} of dvc.lock: data and plots. Metrics files and stage records are left
+    out: they hold wall-clock seconds and peak memory."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])
-            if not o["path"].startswith("metrics/")}
+            if not o["path"].startswith(("metrics/", "reports/"))}
 
 
 def temporaries(repo: Path) -> list[str]:
-    return sorted(p.relative_to(repo).as_posix() for folder in ("data", "metrics", "plots")
+    return sorted(p.relative_to(repo).as_posix()
+                  for folder in ("data", "metrics", "reports", "plots")
                   for p in (repo / folder).rglob(".*.tmp-*"))
 
 
@@ -254,9 +256,11 @@ def test_a_full_disk_fails_clearly_and_keeps_outputs_and_cache(micro_upstream, t
     assert temporaries(repo) == []
     assert {p: p.read_bytes() for p in (repo / ".dvc" / "cache").rglob("*")
             if p.is_file()} == cache
-    assert "`git checkout -- metrics/gradients.json` restores the committed copy" in log
+    assert ("`git checkout -- reports/gradients.json metrics/gradients.json` restores the "
+            "committed copies") in log
     run(DVC + ["checkout", "gradients"], repo, env)
-    subprocess.run(["git", "checkout", "--", "metrics/gradients.json"], cwd=repo, check=True)
+    subprocess.run(["git", "checkout", "--", "reports/gradients.json", "metrics/gradients.json"], cwd=repo,
+                   check=True)
     assert snapshot(repo, "data/gradients", "metrics/gradients.json") == before
     assert run(DVC + ["status", "gradients"], repo, env).strip() == \
         "Data and pipelines are up to date."

@@ -231,7 +231,7 @@ def test_served_flow_runs_a_triggered_run(servers, tmp_path):
     (["serve", "--cron", "every night"], "--cron 'every night': not a cron expression"),
     (["deploy", "--pool", "p", "--stage", "trian"], "unknown stage 'trian': dvc.yaml has prepare"),
     (["serve", "--set", "masks.sparsity=1.5"], "params: masks.sparsity: must be in [0, 1)"),
-    (["deploy", "--pool", "p", "--set", "masks.sparsity"], "write key.path=value"),
+    (["deploy", "--pool", "p", "--set", "masks.sparsity"], "written key.path=value"),
     (["serve"], "scheduling needs a Prefect server: start one with `prefect server start"),
 ])
 def test_bad_schedule_input_is_refused_before_anything_is_deployed(args, message, monkeypatch,

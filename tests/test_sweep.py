@@ -16,8 +16,10 @@ from flows.sweep import check_points, grid_points, shared_stages
 from gradprune.config import ParamError
 
 DVC = [sys.executable, "-m", "dvc"]
-GRID = ["--grid", "masks.criterion=gradient,magnitude", "--grid", "masks.sparsity=0.5,0.7"]
-POINTS = [("gradient", 0.5), ("gradient", 0.7), ("magnitude", 0.5), ("magnitude", 0.7)]
+# Keys that stop at the masks stage, so the gradient pass is shared (masks.criterion reaches
+# it: gradients.statistics auto collects what the criteria read).
+GRID = ["--grid", "masks.scope=global,per_layer", "--grid", "masks.sparsity=0.5,0.7"]
+POINTS = [("global", 0.5), ("global", 0.7), ("per_layer", 0.5), ("per_layer", 0.7)]
 
 
 def test_grid_values_split_at_top_level_commas_and_parse_as_yaml():
@@ -85,7 +87,7 @@ def test_every_point_is_an_experiment_that_reuses_the_shared_stages(swept):
     # The copied repository holds them already: DVC skips them in the workspace too.
     assert outcome["shared_stages"] == dict.fromkeys(["prepare", "train", "gradients"], "skipped")
     rows = outcome["points"]
-    assert [(r["masks.criterion"], r["masks.sparsity"]) for r in rows] == POINTS
+    assert [(r["masks.scope"], r["masks.sparsity"]) for r in rows] == POINTS
     assert [r["experiment"] for r in rows] == ["sw-0", "sw-1", "sw-2", "sw-3"]
     for row in rows:
         assert row["status"] == "Success"
@@ -94,18 +96,18 @@ def test_every_point_is_an_experiment_that_reuses_the_shared_stages(swept):
         # Restored from DVC's run-cache in every point's workspace, never recomputed.
         assert {"prepare", "train", "gradients"} <= restored and not restored & ran, row
         assert {"finetune", "average", "evaluate"} <= ran, row
-        # The upstream repository made gradient masks at 0.5: that point restores them too.
-        first = (row["masks.criterion"], row["masks.sparsity"]) == POINTS[0]
+        # The upstream repository made global masks at 0.5: that point restores them too.
+        first = (row["masks.scope"], row["masks.sparsity"]) == POINTS[0]
         assert ("masks" in restored, "masks" in ran) == (first, not first), row
         assert row["sparsity"] == pytest.approx(row["masks.sparsity"], abs=0.01)
         assert row["ppl_averaged"] > 1 and row["ppl_dense"] > 1
     # One dense model for all: the same ppl_dense everywhere.
     assert len({r["ppl_dense"] for r in rows}) == 1
-    # The criterion matters: at each sparsity the two criteria prune differently.
+    # The scope matters: at each sparsity the two scopes prune differently.
     for sparsity in (0.5, 0.7):
-        pruned = {r["masks.criterion"]: r["ppl_pruned"] for r in rows
+        pruned = {r["masks.scope"]: r["ppl_pruned"] for r in rows
                   if r["masks.sparsity"] == sparsity}
-        assert pruned["gradient"] != pruned["magnitude"]
+        assert pruned["global"] != pruned["per_layer"]
 
     shown = run(DVC + ["exp", "show", "--csv"], repo, env)
     for name in ("sw-0", "sw-1", "sw-2", "sw-3"):
@@ -120,13 +122,13 @@ def test_the_sweep_writes_one_table_and_one_plot(swept):
     folder = Path(outcome["results"])
     assert folder == repo / "sweeps" / "sw"
     table = pq.read_table(folder / "results.parquet").to_pylist()
-    assert [(r["masks.criterion"], r["masks.sparsity"]) for r in table] == POINTS
+    assert [(r["masks.scope"], r["masks.sparsity"]) for r in table] == POINTS
     assert [r["ppl_averaged"] for r in table] == [r["ppl_averaged"] for r in outcome["points"]]
     csv_lines = (folder / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("experiment,masks.criterion,masks.sparsity,status,")
+    assert csv_lines[0].startswith("experiment,masks.scope,masks.sparsity,status,")
     assert len(csv_lines) == 5
     markdown = (folder / "results.md").read_text().splitlines()
-    assert markdown[0].startswith("| experiment | masks.criterion | masks.sparsity |")
+    assert markdown[0].startswith("| experiment | masks.scope | masks.sparsity |")
     assert len(markdown) == 6
     assert (folder / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

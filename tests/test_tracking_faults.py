@@ -68,9 +68,9 @@ def test_gradprune_track_logs_the_stages_later(repo):
     from mlflow.tracking import MlflowClient
 
     params = params_with(f"sqlite:///{repo / 'mlflow.db'}")
-    (repo / "metrics" / "environment").mkdir(parents=True)
+    (repo / "reports" / "environment").mkdir(parents=True)
     write_json(repo / "metrics" / "masks.json", {"kept": 3, "sparsity_achieved": 0.5})
-    write_json(repo / "metrics" / "environment" / "masks.json", {"threads": 1})
+    write_json(repo / "reports" / "environment" / "masks.json", {"threads": 1})
     write_json(repo / UNTRACKED, [{"stage": "masks", "run_id": None, "reason": "down",
                                    "time": "now"}])
     assert track_untracked(params, repo) == ["masks"]
