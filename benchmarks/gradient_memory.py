@@ -46,14 +46,19 @@ from gradprune.pruning.stats import STATISTICS, collect_gradient_stats, requeste
 MODES = ("bare", "full", "lean", "lean_checkpointed")
 
 
-def full_backward_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
-                        bf16: bool) -> None:
-    """The gradient pass before the lean one: all five statistics, every gradient alive at once."""
-    device = model_device(model)
+def train_only_the_prunable_weights(model: nn.Module, linears: dict[str, nn.Linear]) -> None:
+    """What both baseline passes backpropagate into: the prunable Linears' weights alone."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in linears.values():
         layer.weight.requires_grad_(True)
+
+
+def full_backward_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
+                        bf16: bool) -> None:
+    """The gradient pass before the lean one: all five statistics, every gradient alive at once."""
+    device = model_device(model)
+    train_only_the_prunable_weights(model, linears)
     sums = {n: {k: torch.zeros_like(m.weight, dtype=torch.float32) for k in STATISTICS[:3]}
             for n, m in linears.items()}
     act = {n: torch.zeros(m.in_features, device=device) for n, m in linears.items()}
@@ -87,10 +92,7 @@ def full_backward_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks:
 def bare_pass(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
               bf16: bool) -> None:
     device = model_device(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in linears.values():
-        layer.weight.requires_grad_(True)
+    train_only_the_prunable_weights(model, linears)
     model.eval()
     for block in blocks:
         batch = block.unsqueeze(0).to(device)
