@@ -24,15 +24,13 @@ from pathlib import Path
 
 from gradprune.config import CRITERIA, ParamError, Params, parse_pattern
 from gradprune.config.schema import row_not_applicable, split_row_pattern
-from gradprune.data import calibration_blocks, load_tokenizer, read_blocks
+from gradprune.data import load_tokenizer, read_blocks
 from gradprune.evaluation.perplexity import parameter_counts
 from gradprune.evaluation.speed import measure_speed
 from gradprune.export.card import save_hf_folder
 from gradprune.io import atomic_dir
 from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.prune import apply_pruning, prunable_sparsity, reconstruct, with_overrides
-from gradprune.pruning.sequential import layer_by_layer, prune_calibrated, statistics_to_load
-from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.measure import (
     QUESTIONS,
     ood_perplexities,
@@ -41,11 +39,10 @@ from tasks.measure import (
     write_questions,
     zero_shot,
 )
+from tasks.pruning import DENSE, prune_trained
 from tasks.recovery import average_into, finetune_runs, finetune_summary
 from tasks.stage import DATA, Stage, stage_main
 
-STATS = DATA / "gradients" / "stats.safetensors"
-DENSE = DATA / "train" / "model"
 # Under the library's logger, so that stage_main's handler prints it.
 log = logging.getLogger("gradprune.compare")
 
@@ -117,24 +114,11 @@ def run(params: Params, stage: Stage) -> dict:
             write_questions(out / QUESTIONS, {})  # the stage's output, empty as the row
         return {"criterion": criterion, "pattern": pattern, "not_applicable": reason}
     cfg = row_mask_params(params, criterion, pattern)
-    # Layer by layer, the model stays in host memory and one decoder layer at a time computes
-    # on the device.
-    sequential = layer_by_layer(cfg)
-    dense = load_model(DENSE, None if sequential else stage.device)
-    stats = load_stats(STATS, stage.device, statistics_to_load(cfg))
-    modules = dict(dense.named_modules())
-    shapes = {name: modules[name].weight.shape for name in stats}
     log.info("pruning by %s %s", criterion, pattern)
     started = time.perf_counter()
-    # Layer by layer, the calibration blocks the gradients stage used pass through the layers.
-    blocks = calibration_blocks(read_blocks(DATA / "prepare" / "train.parquet"),
-                                params.gradients.calibration_blocks, params.seed) \
-        if sequential or cfg.reconstruct.steps else None
-    pruned = prune_calibrated(dense, stats, cfg, params.seed,
-                              load_stats_info(STATS)["calibration_blocks"], blocks,
-                              bf16=bf16_enabled(params.gradients.bf16, stage.device),
-                              device=stage.device)
-    model = apply_pruning(dense, pruned).to(stage.device)
+    trained = prune_trained(params, cfg, stage.device)
+    pruned, blocks, shapes = trained.pruned, trained.blocks, trained.shapes
+    model = apply_pruning(trained.dense, pruned).to(stage.device)
     prune_seconds = time.perf_counter() - started
     tokenizer = load_tokenizer(DENSE)
     ood = ood_streams(tokenizer, params)
