@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-python -m pytest -q "$@"
+# The slowest tests, so a suite creeping toward CI's budget shows where the time goes.
+python -m pytest -q --durations=15 "$@"
