@@ -197,9 +197,10 @@ def _queue_snapshot(root: Path) -> tuple[list[dict], dict[str, int | None], bool
 
 
 def _remove_lost_point(name: str, orphan_pid: int | None, root: Path,
-                       env: dict[str, str]) -> None:
+                       env: dict[str, str]) -> bool:
     """Kill what the dead worker left running of the point, mark it failed, remove it from
-    the queue and delete its temporary copy of the repository."""
+    the queue and delete its temporary copy of the repository; False if the point has ended
+    meanwhile (then its status is final and it stays)."""
     import psutil
 
     orphan = _running(orphan_pid)
@@ -213,8 +214,10 @@ def _remove_lost_point(name: str, orphan_pid: int | None, root: Path,
 
     with Repo(str(root)) as repo:
         queue = repo.experiments.celery_queue
-        infofile = next(Path(queue.get_infofile_path(e.stash_rev))
-                        for e in queue.iter_active() if e.name == name)
+        infofile = next((Path(queue.get_infofile_path(e.stash_rev))
+                         for e in queue.iter_active() if e.name == name), None)
+    if infofile is None:
+        return False
     # The experiment process is gone: `dvc queue kill` marks the task failed.
     _dvc(["queue", "kill", name], root, env)
     _dvc(["queue", "remove", name], root, env)
@@ -222,6 +225,7 @@ def _remove_lost_point(name: str, orphan_pid: int | None, root: Path,
         copy = Path(json.loads(infofile.read_text())["root_dir"])
         if copy.parent == root / ".dvc" / "tmp" / "exps":
             shutil.rmtree(copy, ignore_errors=True)
+    return True
 
 
 @task(name="run points")
@@ -255,8 +259,9 @@ def run_points(points: list[dict[str, Any]], names: list[str], jobs: int, root: 
                                                                  any_worker else [])]}
         confirmed = [n for n in lost if suspect[n] >= LOST_POLLS]
         for name in confirmed:
-            _remove_lost_point(name, lost[name], base, env)
             suspect.pop(name)
+            if not _remove_lost_point(name, lost[name], base, env):
+                continue
             if reruns[name] >= MAX_RERUNS:
                 pending.discard(name)
                 status[name] = "Lost"
