@@ -36,8 +36,17 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+# A flow run outlives a Prefect server outage of about 4 minutes (a restart): its client retries
+# a refused request 7 times, 2, 4, ..., 128 s apart. With Prefect's default (5 times, up to 32 s
+# apart: about a minute) a 70 s outage ended the run Crashed though its stage had run
+# (tests/test_scheduling.py, docs/RELIABILITY.md).
+CLIENT_RETRIES = "7"
+
+
 def prefect_defaults() -> None:
-    """Offline-friendly Prefect settings, unless the user set them."""
+    """Offline-friendly Prefect settings, and client retries that outlast a server restart,
+    unless the user set them."""
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", CLIENT_RETRIES)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -121,7 +130,10 @@ def deploy(name: str, cron: str | None, parameters: dict, pool: str) -> None:
     deployment_id = pipeline.from_source(
         source=parameters["repo"], entrypoint="flows/pipeline.py:pipeline",
     ).deploy(name=name, work_pool_name=pool, cron=cron, parameters=parameters,
-             concurrency_limit=1, print_next_steps=False, ignore_warnings=True)
+             concurrency_limit=1, print_next_steps=False, ignore_warnings=True,
+             # The worker's environment is not ours: its flow runs get the retries here.
+             job_variables={"env": {"PREFECT_CLIENT_MAX_RETRIES":
+                                    os.environ["PREFECT_CLIENT_MAX_RETRIES"]}})
     print(f"deployment gradprune-pipeline/{name} ({deployment_id}) on pool {pool!r}; "
           f"start a worker: prefect worker start --pool {pool}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,36 @@ def link_flow_run_and_mlflow(parent_run_id: str, experiment: str) -> None:
                   f"mlflow-run:{parent_run_id}"])
 
 
+def settle_task_runs() -> list[str]:
+    """Mark Completed, on the server, the task runs of this flow run that it does not show
+    final; returns their names. Called once every stage has returned: a task run reports its
+    states as events, and those sent while the Prefect server was unreachable (a restart) are
+    dropped, so a stage that finished then stays Running there for ever."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.runtime import flow_run
+    from prefect.states import Completed
+
+    flow_run_id = flow_run.get_id()
+    if flow_run_id is None:  # called through pipeline.fn: no flow run
+        return []
+    only_this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        # The last stage's Completed event is usually still on its way: give it 5 s.
+        deadline = time.monotonic() + 5
+        while True:
+            open_runs = [t for t in client.read_task_runs(flow_run_filter=only_this_run)
+                         if t.state is None or not t.state.is_final()]
+            if not open_runs or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for task_run in open_runs:
+            client.set_task_run_state(task_run.id, Completed(
+                message="the stage returned; its final state did not reach the server"),
+                force=True)
+    return [t.name for t in open_runs]
+
+
 @flow(name="gradprune-pipeline", log_prints=True)
 def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
              stages: list[str] | None = None) -> dict[str, str]:
@@ -121,4 +152,8 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = ".",
         finish_parent_run(parent_id, params, root, "FAILED")
         raise
     finish_parent_run(parent_id, params, root, "FINISHED")
+    settled = settle_task_runs()
+    if settled:
+        get_run_logger().warning("marked task runs %s Completed on the server: their final "
+                                 "states were lost while it was unreachable", ", ".join(settled))
     return outcome

@@ -10,6 +10,10 @@
    stashes the workspace) and run by `dvc queue start --jobs N`, at most N at once, each in its
    own temporary copy of the repository. There DVC restores the shared stages from its
    run-cache ("Stage 'gradients' is cached - skipping run") and runs only what the point changes.
+   A point whose queue worker died (killed, out of memory) stays "Running" in `dvc queue status`
+   forever in DVC 3.67; the sweep sees that its experiment process is gone or orphaned, kills
+   what is left of it, requeues the point under its name and restarts the queue (`reruns` in
+   the table, `rerun_points` in the result).
 4. The points' metrics, read with `dvc exp show --json`, make one table (Parquet, CSV, Markdown)
    and one plot in sweeps/<sweep>/; `dvc exp show` lists the points.
 
@@ -20,9 +24,11 @@ point has finished.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +114,11 @@ def _queue_status(root: Path) -> list[dict]:
         return repo.experiments.celery_queue.status()
 
 
+def _queue_point(point: dict[str, Any], name: str, root: Path, env: dict[str, str]) -> None:
+    sets = dvc_set_arguments(point, str(root / "params.yaml"))
+    _dvc(["exp", "run", "--queue", "--name", name, *sets], root, env)
+
+
 @task(name="queue points")
 def queue_points(points: list[dict[str, Any]], names: list[str], root: str,
                  env: dict[str, str]) -> None:
@@ -118,33 +129,159 @@ def queue_points(points: list[dict[str, Any]], names: list[str], root: str,
                            "finish or remove them (`dvc queue status`, `dvc queue remove "
                            "--queued`) before sweeping")
     for point, name in zip(points, names):
-        sets = dvc_set_arguments(point, str(Path(root) / "params.yaml"))
-        _dvc(["exp", "run", "--queue", "--name", name, *sets], Path(root), env)
+        _queue_point(point, name, Path(root), env)
+
+
+# A point must look lost on this many polls in a row: a worker records its experiment
+# process's exit a moment after the process ends.
+LOST_POLLS = 2
+MAX_RERUNS = 2
+
+
+def _running(pid: int | None):
+    """The psutil.Process of a living (not zombie) pid, else None."""
+    import psutil
+
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _is_queue_worker(process) -> bool:
+    import psutil
+
+    try:
+        return process is not None and "queue-worker" in process.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _queue_snapshot(root: Path) -> tuple[list[dict], dict[str, int | None], bool]:
+    """`dvc queue status` as a list, the experiment process (`dvc exp exec-run`) pid of every
+    Running point whose queue worker is gone ({name: pid or None}), and whether any queue
+    worker of this repository lives.
+
+    DVC 3.67 marks a point Running from the moment a worker takes it until that worker
+    records the result; a worker killed in between leaves it Running for ever, with its
+    experiment process orphaned (still running, results never collected) or dead. A worker
+    runs each experiment process as its own child, so an experiment process whose parent is
+    no queue worker, or that died without a recorded exit, has lost its worker."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        queue = repo.experiments.celery_queue
+        status = queue.status()
+        workers = [_running(int(pidfile.read_text() or 0))
+                   for pidfile in Path(queue.wdir).glob("dvc-exp-worker-*.pid")]
+        any_worker = any(_is_queue_worker(w) for w in workers)
+        lost: dict[str, int | None] = {}
+        for entry in status:
+            if entry["status"] != "Running":
+                continue
+            try:
+                info = queue.proc[entry["rev"]]
+            except KeyError:  # the worker is still setting the experiment up
+                if not any_worker:
+                    lost[entry["name"]] = None
+                continue
+            if info.returncode is not None:  # ended and recorded: the worker collects it
+                continue
+            process = _running(info.pid)
+            if process is None or not _is_queue_worker(_running(process.ppid())):
+                lost[entry["name"]] = info.pid if process is not None else None
+    return status, lost, any_worker
+
+
+def _remove_lost_point(name: str, orphan_pid: int | None, root: Path,
+                       env: dict[str, str]) -> bool:
+    """Kill what the dead worker left running of the point, mark it failed, remove it from
+    the queue and delete its temporary copy of the repository; False if the point has ended
+    meanwhile (then its status is final and it stays)."""
+    import psutil
+
+    orphan = _running(orphan_pid)
+    if orphan is not None:
+        tree = [orphan, *orphan.children(recursive=True)]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(tree, timeout=30)
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        queue = repo.experiments.celery_queue
+        infofile = next((Path(queue.get_infofile_path(e.stash_rev))
+                         for e in queue.iter_active() if e.name == name), None)
+    if infofile is None:
+        return False
+    # The experiment process is gone: `dvc queue kill` marks the task failed.
+    _dvc(["queue", "kill", name], root, env)
+    _dvc(["queue", "remove", name], root, env)
+    if infofile.exists():
+        copy = Path(json.loads(infofile.read_text())["root_dir"])
+        if copy.parent == root / ".dvc" / "tmp" / "exps":
+            shutil.rmtree(copy, ignore_errors=True)
+    return True
 
 
 @task(name="run points")
-def run_points(names: list[str], jobs: int, root: str, env: dict[str, str]) -> dict[str, dict]:
-    """Start the queue with `jobs` workers and wait for every point; returns per point its
-    status, the stages that ran in it and those DVC restored from its cache (from its log)."""
+def run_points(points: list[dict[str, Any]], names: list[str], jobs: int, root: str,
+               env: dict[str, str]) -> dict[str, dict]:
+    """Start the queue with `jobs` workers and wait for every point, rerunning (at most
+    MAX_RERUNS times each) those whose worker died; returns per point its status, how often
+    it was rerun, the stages that ran in it and those DVC restored from its cache (from its
+    log)."""
     logger = get_run_logger()
-    _dvc(["queue", "start", "--jobs", str(jobs)], Path(root), env)
+    base = Path(root)
+    _dvc(["queue", "start", "--jobs", str(jobs)], base, env)
     pending = set(names)
     status: dict[str, str] = {}
+    reruns = dict.fromkeys(names, 0)
+    suspect: dict[str, int] = {}  # polls in a row a point (or the queue: "") has looked lost
     while pending:
         time.sleep(POLL_SECONDS)
-        for entry in _queue_status(Path(root)):
-            # Anything but Queued and Running is final: Success, Failed, or a worker lost.
+        entries, lost, any_worker = _queue_snapshot(base)
+        for entry in entries:
+            # Anything but Queued and Running is final: Success or Failed.
             if entry["name"] in pending and entry["status"] not in ("Queued", "Running"):
                 pending.discard(entry["name"])
                 status[entry["name"]] = entry["status"]
                 logger.info("point %s: %s (%d left)", entry["name"], entry["status"],
                             len(pending))
+        lost = {n: pid for n, pid in lost.items() if n in pending}
+        # Points queued while no worker lives (every worker died) also need the queue started.
+        queued = any(e["name"] in pending and e["status"] == "Queued" for e in entries)
+        suspect = {n: suspect.get(n, 0) + 1 for n in [*lost, *([""] if queued and not
+                                                                 any_worker else [])]}
+        confirmed = [n for n in lost if suspect[n] >= LOST_POLLS]
+        for name in confirmed:
+            suspect.pop(name)
+            if not _remove_lost_point(name, lost[name], base, env):
+                continue
+            if reruns[name] >= MAX_RERUNS:
+                pending.discard(name)
+                status[name] = "Lost"
+                logger.error("point %s: its queue worker died again; given up after %d "
+                             "reruns", name, reruns[name])
+                continue
+            reruns[name] += 1
+            _queue_point(points[names.index(name)], name, base, env)
+            logger.warning("point %s: its queue worker died while it ran; requeued it (rerun "
+                           "%d of at most %d)", name, reruns[name], MAX_RERUNS)
+        if confirmed or suspect.get("", 0) >= LOST_POLLS:
+            suspect.pop("", None)
+            logger.warning("restarting the DVC queue (`dvc queue start --jobs %d`)", jobs)
+            _dvc(["queue", "start", "--jobs", str(jobs)], base, env)
     # Workers idle on after the queue empties; stop them so nothing outlives the sweep.
-    _dvc(["queue", "stop"], Path(root), env)
+    _dvc(["queue", "stop"], base, env)
     outcome = {}
     for name in names:
-        log = _dvc(["queue", "logs", name], Path(root), env)
-        outcome[name] = {"status": status[name],
+        log = "" if status[name] == "Lost" else _dvc(["queue", "logs", name], base, env)
+        outcome[name] = {"status": status[name], "reruns": reruns[name],
                          "ran": re.findall(r"^Running stage '([^']+)'", log, re.M),
                          "restored": re.findall(r"^Stage '([^']+)' is cached", log, re.M),
                          "log_tail": log[-3000:] if status[name] == "Failed" else ""}
@@ -181,7 +318,8 @@ def result_rows(points: list[dict[str, Any]], names: list[str], outcome: dict[st
     rows = []
     for point, name in zip(points, names):
         metrics = results.get(name, {}).get("metrics", {})
-        row = {"experiment": name, **point, "status": outcome[name]["status"]}
+        row = {"experiment": name, **point, "status": outcome[name]["status"],
+               "reruns": outcome[name]["reruns"]}
         for column, file, path in RESULT_COLUMNS:
             row[column] = _dotted(metrics.get(file, {}), path)
         row["stages_ran"] = ", ".join(outcome[name]["ran"])
@@ -305,7 +443,7 @@ def sweep(grid: dict[str, list], jobs: int = 2, name: str | None = None,
     try:
         shared_outcome = {stage: run_stage(stage, sweep_run, str(root)) for stage in shared}
         queue_points(points, names, str(root), point_env)
-        outcome = run_points(names, jobs, str(root), point_env)
+        outcome = run_points(points, names, jobs, str(root), point_env)
         folder = collect_results(sweep_name, grid, points, names, outcome, str(root), point_env)
         link_point_runs(sweep_run, sweep_name, names)
         failed = [n for n in names if outcome[n]["status"] != "Success"]
@@ -322,4 +460,4 @@ def sweep(grid: dict[str, list], jobs: int = 2, name: str | None = None,
     finish_parent_run(sweep_run, params, root, "FINISHED")
     rows = json.loads((folder / "sweep.json").read_text())["points"]
     return {"name": sweep_name, "results": str(folder), "shared_stages": shared_outcome,
-            "points": rows}
+            "rerun_points": [n for n in names if outcome[n]["reruns"]], "points": rows}

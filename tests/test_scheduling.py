@@ -256,3 +256,92 @@ def test_a_target_stage_runs_with_what_it_depends_on_in_dependency_order():
                                                               "compare"]
     with pytest.raises(ValueError, match="unknown stage 'trian': dvc.yaml has prepare, train"):
         topological_order(graph, ["trian"])
+
+
+def stage_processes() -> dict[str, set[int]]:
+    """{stage: pids} of the `dvc repro --single-item STAGE` processes running now."""
+    import psutil
+
+    found: dict[str, set[int]] = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmd = process.info["cmdline"] or []
+        if "--single-item" in cmd and "repro" in cmd:
+            found.setdefault(cmd[cmd.index("--single-item") + 1], set()).add(process.info["pid"])
+    return found
+
+
+OUTAGE_SECONDS = 70
+
+
+def test_a_served_run_survives_a_prefect_server_restart_during_a_stage(tmp_path):
+    """Kill the Prefect server while a deployed flow run's train stage runs, start it again on
+    the same port and database: the flow run ends Completed (or Failed, then its retry
+    Completed), and no stage ever runs twice at once. The server stays down for longer than
+    the Prefect client retries by default."""
+    env = run_env(tmp_path)
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "1"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_API_URL"] = api
+    server_cmd = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    repo = make_micro_repo(tmp_path / "repo")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(running(server_cmd, tmp_path, env,
+                                             tmp_path / "server-1.log"))
+        wait_for("prefect server", lambda: http_json(f"{api}/health") is True, server,
+                 tmp_path / "server-1.log")
+        serve_log = tmp_path / "serve.log"
+        serve = stack.enter_context(running(FLOWS + ["serve", "--name", "outage", "--stage",
+                                                     "train"], repo, env, serve_log))
+        wait_for("serve registers its deployment", lambda: http_json(
+            f"{api}/deployments/name/gradprune-pipeline/outage"), serve, serve_log, timeout=90)
+        run(["prefect", "deployment", "run", "gradprune-pipeline/outage"], repo, env)
+        (flow_run,) = http_json(f"{api}/flow_runs/filter", {})
+        at_once: dict[str, int] = {}
+        seen: dict[str, set[int]] = {}
+
+        def watch() -> dict[str, set[int]]:
+            now = stage_processes()
+            for stage, pids in now.items():
+                at_once[stage] = max(at_once.get(stage, 0), len(pids))
+                seen.setdefault(stage, set()).update(pids)
+            return now
+
+        wait_for("the train stage starts", lambda: "train" in watch(), serve, serve_log,
+                 timeout=300)
+        stop(server, grace=0)  # SIGTERM then SIGKILL at once
+        killed_at = time.monotonic()
+        # Down until the stage has ended (its task reports Completed to no server) and longer
+        # than the Prefect client's default retries (5, 2 to 32 s apart: 62 s).
+        wait_for("the train stage ends", lambda: "train" not in watch()
+                 and time.monotonic() - killed_at > OUTAGE_SECONDS, serve, serve_log,
+                 timeout=300)
+        server = stack.enter_context(running(server_cmd, tmp_path, env,
+                                             tmp_path / "server-2.log"))
+        wait_for("prefect server again", lambda: watch() is not None and http_json(
+            f"{api}/health") is True, server, tmp_path / "server-2.log")
+        restarted_after = time.monotonic() - killed_at
+
+        def final():
+            watch()
+            state = (http_json(f"{api}/flow_runs/{flow_run['id']}") or {}).get("state") or {}
+            return state if state.get("type") in ("COMPLETED", "FAILED", "CRASHED",
+                                                  "CANCELLED") else None
+
+        state = wait_for("the flow run ends", final, serve, serve_log, timeout=400)
+        tasks = http_json(f"{api}/task_runs/filter",
+                          {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+        # serve still takes runs from the restarted server: the next one completes.
+        run(["prefect", "deployment", "run", "gradprune-pipeline/outage", "--watch",
+             "--watch-interval", "1", "--watch-timeout", "120"], repo, env, timeout=180)
+    print(f"server down for {restarted_after:.0f} s; flow run {state['type']}; stage "
+          f"processes {seen}; task runs {[(t['name'], t['state_type']) for t in tasks]}")
+    assert state["type"] == "COMPLETED", (state, serve_log.read_text()[-3000:])
+    assert at_once == {"prepare": 1, "train": 1}, at_once
+    # train's Completed event, sent while the server was down, was lost: the flow settles it.
+    assert sorted((t["name"], t["state_type"]) for t in tasks) == [
+        ("prepare", "COMPLETED"), ("train", "COMPLETED")]
+    assert "did not reach the server" in {t["name"]: t for t in tasks}["train"]["state"]["message"]
+    assert "marked task runs train Completed on the server" in serve_log.read_text()
+    assert (repo / "data" / "train" / "model" / "model.safetensors").stat().st_size > 0
+    assert "up to date" in run(DVC + ["status", "--with-deps", "train"], repo, env)

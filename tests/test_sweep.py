@@ -4,10 +4,14 @@ the shared upstream stages computed once and restored, never rerun, by every poi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import ROOT, copy_repo, run, run_env
 
@@ -155,3 +159,58 @@ def test_the_sweep_is_one_mlflow_parent_over_the_points(swept):
         assert not {"prepare", "train", "gradients"} & set(stages), stages
     artifacts = {a.path for a in client.list_artifacts(sweep_run.info.run_id, "sweep")}
     assert {"sweep/results.parquet", "sweep/results.md", "sweep/perplexity.png"} <= artifacts
+
+
+def wait_for_file_text(folder: Path, pattern: str, text: str, proc: subprocess.Popen,
+                       log: Path, timeout: float = 600) -> Path:
+    """The first file under folder matching pattern that contains text, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in folder.glob(pattern):
+            if text in path.read_text(errors="replace"):
+                return path
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep exited ({proc.returncode}) first:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no {folder}/{pattern} with {text!r} within {timeout} s")
+
+
+@pytest.mark.integration
+def test_a_point_whose_queue_worker_is_killed_is_rerun(micro_upstream, session_tmp):
+    """SIGKILL the queue worker while it runs a point's stage: DVC leaves the point Running for
+    ever; the sweep kills the orphaned experiment process, reruns the point and names it."""
+    repo = copy_repo(micro_upstream, session_tmp / "sweep-worker-killed")
+    log = session_tmp / "sweep-worker-killed.log"
+    # evaluate.* keys leave the points only compare and evaluate to run; one worker at a time.
+    with open(log, "w") as out:
+        sweep = subprocess.Popen([sys.executable, "-m", "flows", "sweep", "--grid",
+                                  "evaluate.max_tokens=512,1024", "--jobs", "1", "--name", "wk"],
+                                 cwd=repo, env=run_env(session_tmp), stdout=out,
+                                 stderr=subprocess.STDOUT)
+    try:
+        point_log = wait_for_file_text(repo / ".dvc" / "tmp" / "exps" / "run", "*/*.out",
+                                       "Running stage", sweep, log)
+        killed = json.loads(point_log.with_suffix(".run").read_text())["name"]
+        orphan = json.loads(point_log.with_suffix(".json").read_text())["pid"]
+        worker = repo / ".dvc" / "tmp" / "exps" / "celery" / "dvc-exp-worker-1.pid"
+        os.kill(int(worker.read_text()), signal.SIGKILL)
+        sweep.wait(timeout=1200)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    text = log.read_text()
+    assert sweep.returncode == 0, text[-3000:]
+    assert f"point {killed}: its queue worker died while it ran; requeued it (rerun 1" in text
+    outcome = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
+    assert outcome["rerun_points"] == [killed]
+    rows = {r["experiment"]: r for r in outcome["points"]}
+    assert set(rows) == {"wk-0", "wk-1"}
+    for name, row in rows.items():
+        assert (row["status"], row["reruns"]) == ("Success", int(name == killed)), row
+        assert "evaluate" in row["stages_ran"] and row["ppl_averaged"] > 1, row
+    status = run(DVC + ["queue", "status"], repo, run_env(session_tmp))
+    assert "Running" not in status and "Queued" not in status, status
+    # Nothing of the killed run is left: no process, no temporary copy of the repository.
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie"
+    assert not list((repo / ".dvc" / "tmp" / "exps").glob("tmp*"))
