@@ -19,6 +19,10 @@ that share's size and the gradients are summed across processes before clipping:
 the single-process step up to the order of floating-point additions, and every process holds
 the same weights after it. Validation runs whole in every process; only the main process saves
 resumable state.
+
+A model sharded with FSDP (parallel.shard_model) trains the same way: FSDP sums the gradients
+into each process's shard, the masks are split as the weights are, and every process steps its
+own shard. It keeps no resumable state.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from gradprune.io import atomic_dir, reading, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
 from gradprune.progress import progress_bar
 from gradprune.pruning.masks import apply_masks
-from gradprune.training.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
+from gradprune.training.parallel import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    is_main_process,
+    is_sharded,
+    like_parameter,
+    share,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +179,13 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
     after it, so a resumed run never skips a checkpoint. With `patience`, training stops once
     that many validations in a row brought no lower validation loss.
     """
+    sharded = is_sharded(model)
+    if sharded and state_dir is not None:
+        raise ValueError("a sharded model keeps no resumable state: give no state_dir")
     params = dict(model.named_parameters())
     device = model_device(model)
-    masked = {params[f"{name}.weight"]: mask.to(device) for name, mask in (masks or {}).items()}
+    masked = {params[f"{name}.weight"]: like_parameter(mask, params[f"{name}.weight"])
+              for name, mask in (masks or {}).items()}
     if masks:
         apply_masks(model, masks)
     optimizer = adamw(model, cfg)
@@ -209,11 +224,14 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
             lm_total += lm_loss.item() * weight / grad_accum
             if kd_loss is not None:
                 kd_total += kd_loss.item() * weight / grad_accum
-        all_reduce_gradients(model)
+        if not sharded:  # FSDP has summed them into each process's shard
+            all_reduce_gradients(model)
         lm_total, kd_total = _sum_over_processes(lm_total, kd_total)
         for p, mask in masked.items():
             p.grad.mul_(mask)
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if sharded:  # the norm over every shard, replicated on every process
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             raise FloatingPointError(_divergence("gradient norm", norm.item(), step,
                                                  order[step].reshape(-1), state_dir))
