@@ -95,7 +95,7 @@ def run(params: Params, stage: Stage) -> dict:
     stage.log_curve(curves, prefix="curve/", series="run")
     stage.log_artifact(OUT / "checkpoints.json", "finetune")
     return {**finetune_summary(record), "distill_weight": cfg.distill_weight,
-            "bf16": record["validation"]["bf16"]}
+            "bf16": record["validation"]["bf16"], "sharding": cfg.sharding}
 
 
 if __name__ == "__main__":
