@@ -33,20 +33,30 @@ def test_fsdp_in_one_process_stops_before_compute(tmp_path, monkeypatch):
     with pytest.raises(ParamError) as err:
         tasks.finetune.run(params, stage=None)
     message = str(err.value)
-    assert message.startswith("params: finetune.sharding: fsdp shards the model over processes, "
-                              "but this is one process")
+    assert message.startswith(
+        "params: finetune.sharding: fsdp shards the model over processes, but this is one process"
+    )
     assert FIX in message and "finetune.sharding: none" in message
     record_refusal("finetune.sharding: fsdp in one process", message)
     check_sharding("none")  # unsharded fine-tuning runs in one process
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"finetune": {"sharding": "zero3"}}, "finetune.sharding"),
-    ({"finetune": {"sharding": "fsdp", "loss_chunk": 64}}, "finetune.loss_chunk"),
-    ({"finetune": {"sharding": "fsdp"}, "compare": {"finetune": True}}, "compare.finetune"),
-    ({"finetune": {"sharding": "fsdp"}, "model": {"arch": "seq2seq"},
-      "gradients": {"include": ["encoder.layers.*"]}}, "finetune.sharding"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"finetune": {"sharding": "zero3"}}, "finetune.sharding"),
+        ({"finetune": {"sharding": "fsdp", "loss_chunk": 64}}, "finetune.loss_chunk"),
+        ({"finetune": {"sharding": "fsdp"}, "compare": {"finetune": True}}, "compare.finetune"),
+        (
+            {
+                "finetune": {"sharding": "fsdp"},
+                "model": {"arch": "seq2seq"},
+                "gradients": {"include": ["encoder.layers.*"]},
+            },
+            "finetune.sharding",
+        ),
+    ],
+)
 def test_what_sharding_cannot_do_is_refused_by_the_params_check(changes, key):
     with pytest.raises(ParamError) as err:
         params_from_dict(changes)
@@ -87,8 +97,13 @@ def test_sharded_checkpoints_equal_the_unsharded_ones_and_stay_pruned(repos):
         two = load_file(str(sharded / "data/finetune" / file))
         assert two.keys() == one.keys(), file
         for key in one:
-            torch.testing.assert_close(two[key], one[key], rtol=RTOL, atol=ATOL,
-                                       msg=lambda m: f"{file} {key}: {m}")
+            torch.testing.assert_close(
+                two[key],
+                one[key],
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, where=f"{file} {key}": f"{where}: {m}",
+            )
         for name, mask in masks.items():
             assert bool((two[f"{name}.weight"][~mask] == 0).all()), f"{file} {name}"
             assert int((two[f"{name}.weight"][mask] == 0).sum()) == 0, f"{file} {name} trained"

@@ -89,11 +89,16 @@ def shard_model(model: nn.Module) -> None:
     gathered for its forward and backward only), the root holds the rest (embeddings, final
     norm, LM head). Gradients are summed over processes, not averaged, as all_reduce_gradients
     sums them: the loop already weights each process's loss by its share of the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    # Over the model's own device type (fully_shard's default is the machine's accelerator,
+    # which a `device: cpu` run on a GPU machine does not use).
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (rank_and_size()[1],))
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
