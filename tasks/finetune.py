@@ -46,8 +46,10 @@ log = logging.getLogger("gradprune.finetune")
 
 def inputs_fingerprint(params: Params) -> str:
     """What resumable state must have been made from to be reused: these params and files."""
-    digest = hashlib.sha256(json.dumps({"seed": params.seed, "finetune": asdict(params.finetune)},
-                                       sort_keys=True).encode())
+    made_by = {"seed": params.seed, "finetune": asdict(params.finetune)}
+    if params.finetune.sharding == "fsdp":  # each process resumes its own shard
+        made_by["processes"] = rank_and_size()[1]
+    digest = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode())
     for path in (DENSE / "model.safetensors", *sorted(MASKS.rglob("*.safetensors")),
                  PREPARED / "train.parquet", PREPARED / "val.parquet"):
         digest.update(sha256_file(path).encode())

@@ -56,8 +56,7 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
                  teacher, bf16: bool) -> dict:
     """One masked fine-tuning run from the model `start()` returns; returns its record (read
     back if an earlier attempt of the stage finished it). With finetune.sharding: fsdp the
-    model is sharded over the processes and keeps no resumable state: a killed run starts over
-    (finished runs are kept)."""
+    model is sharded over the processes, each of which saves and resumes its own shard."""
     record_file = folder / "run.json"
     if record_file.is_file():
         return read_json(record_file)
@@ -87,8 +86,7 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
     curve = train_lm(model, train_blocks, val_blocks, cfg, seed, bf16, masks=masks,
                      validate_also_at=set(save_at), on_validation=on_validation,
                      grad_accum=cfg.grad_accum, patience=cfg.patience,
-                     distillation=distillation, ema=ema,
-                     state_dir=None if sharded else folder / "state")
+                     distillation=distillation, ema=ema, state_dir=folder / "state")
     if not (main or sharded):  # the sharded model's saves and validation need every process
         return {}
     last = curve[-1]
@@ -120,9 +118,6 @@ def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
     on the device `start()` places the model on."""
     cfg = params.finetune
     check_sharding(cfg.sharding)
-    if cfg.sharding == "fsdp":
-        log.info("finetune.sharding: fsdp keeps no mid-run state to resume from: a run killed "
-                 "before its end starts over when the stage is rerun (finished runs are kept)")
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
     pruned = start()

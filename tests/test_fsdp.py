@@ -1,6 +1,7 @@
 """Sharded fine-tuning (finetune.sharding: fsdp): under `torchrun --nproc_per_node=2` on gloo
 the finetune stage's checkpoints equal the unsharded single-process run's on the same global
-batches, with every pruned weight exactly zero; in one process it stops before compute."""
+batches, with every pruned weight exactly zero; a sharded run killed with SIGKILL resumes
+bit-identical; in one process it stops before compute."""
 
 from __future__ import annotations
 
@@ -76,8 +77,7 @@ def repos(micro_upstream, session_tmp):
     params["finetune"]["sharding"] = "fsdp"
     (sharded / "params.yaml").write_text(yaml.safe_dump(params))
     run([sys.executable, "-m", "tasks.finetune"], single, env, timeout=300)
-    log = run(TORCHRUN + ["-m", "tasks.finetune"], sharded, env, timeout=300)
-    assert "keeps no mid-run state to resume from" in log
+    run(TORCHRUN + ["-m", "tasks.finetune"], sharded, env, timeout=300)
     return single, sharded
 
 
@@ -126,3 +126,125 @@ def test_the_average_stage_merges_sharded_checkpoints(repos, session_tmp):
     merged = load_file(str(sharded / "data/average/model/model.safetensors"))
     for name, mask in load_masks(sharded / "data/masks/masks.safetensors").items():
         assert bool((merged[f"{name}.weight"][~mask] == 0).all()), name
+
+
+STEPS = 18
+SHARDED_CHILD = f"""
+import logging, sys, time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gradprune.config import FinetuneParams, ModelParams
+from gradprune.models.llama import build_llama, prunable_linears
+from gradprune.training.loop import Distillation, MovingAverage, train_lm
+from gradprune.training.parallel import (full_state_dict, init_process_group_from_env,
+                                         is_main_process, shard_model)
+
+init_process_group_from_env()
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+tiny = ModelParams(layers=2, hidden=16, heads=2, kv_heads=1, ffn=32)
+model = build_llama(tiny, 64, 16, 0, seed=0)
+teacher = build_llama(tiny, 64, 16, 0, seed=1)
+g = torch.Generator().manual_seed(2)
+masks = {{name: torch.rand(layer.weight.shape, generator=g) < 0.5
+         for name, layer in prunable_linears(model, ("model.layers.*",)).items()}}
+train_blocks = torch.randint(0, 64, (24, 16), generator=g)
+val_blocks = torch.randint(0, 64, (4, 16), generator=g)
+cfg = FinetuneParams(steps={STEPS}, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=3,
+                     weight_decay=0.1, eval_every=3, eval_blocks=4, bf16="off")
+shard_model(model)
+shard_model(teacher)
+ema = MovingAverage(0.8)
+
+
+def pause(step, val_loss):
+    time.sleep(0.3)  # widens the window in which the test kills the run between saves
+
+
+train_lm(model, train_blocks, val_blocks, cfg, seed=3, bf16=False, masks=masks,
+         on_validation=pause, grad_accum=2, distillation=Distillation(teacher, 2.0, 0.5),
+         ema=ema, state_dir=out / "state")
+weights = full_state_dict(model)
+averaged = {{k: v.full_tensor() for k, v in ema.weights.items()}}
+if is_main_process():
+    save_file({{**{{f"model.{{k}}": v for k, v in weights.items()}},
+               **{{f"ema.{{k}}": v.contiguous() for k, v in averaged.items()}}}},
+              str(out / "final.safetensors"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def _torchrun_child(folder, env, wait: bool = True):
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "child.py").write_text(SHARDED_CHILD)
+    return subprocess.Popen(
+        TORCHRUN + [str(folder / "child.py"), str(folder)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    from pathlib import Path
+
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+@pytest.mark.integration
+def test_a_sharded_run_killed_with_sigkill_resumes_bit_identical(tmp_path):
+    """Each process saves its own shard of weights, AdamW moments and moving average; the whole
+    launch killed between saves and launched again ends where an uninterrupted launch does."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    whole = _torchrun_child(tmp_path / "whole", env)
+    log = whole.communicate(timeout=300)[0]
+    assert whole.returncode == 0, log[-3000:]
+
+    killed = _torchrun_child(tmp_path / "killed", env)
+    state = tmp_path / "killed" / "state"
+    deadline = time.monotonic() + 240
+    while not list(state.glob("step-*/state.json")) and killed.poll() is None:
+        assert time.monotonic() < deadline, "no save within 240 s"
+        time.sleep(0.02)
+    # torchrun starts its workers in sessions of their own: kill them by id, then torchrun.
+    for pid in [*_descendants(killed.pid), killed.pid]:
+        os.kill(pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert not (tmp_path / "killed" / "final.safetensors").exists(), "the run ended before the kill"
+    saves = sorted(state.glob("step-*/state.json"))
+    assert saves and int(saves[-1].parent.name.split("-")[1]) < STEPS
+    assert {p.name for p in saves[-1].parent.glob("shard-*")} == {
+        "shard-0.safetensors",
+        "shard-1.safetensors",
+    }
+
+    again = _torchrun_child(tmp_path / "killed", env)
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log[-3000:]
+    assert "resuming from step" in log
+    one = load_file(str(tmp_path / "whole" / "final.safetensors"))
+    two = load_file(str(tmp_path / "killed" / "final.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
