@@ -229,7 +229,7 @@ def plan_stages(config, params: Params, bf16: bool = True, processes: int = 1
         finetune_host["gathered_checkpoint"] = 4 * s.parameters
     plan["finetune"] = StageNeed(training(f, extra, batch, shards), finetune_host,
                                  {"checkpoints": saves * model_file,
-                                  "resume_state": 0 if shards > 1 else 16 * s.parameters})
+                                  "resume_state": 16 * s.parameters})  # over every shard
 
     plan["average"] = StageNeed(
         {"weights": weights, "logits": _logits(s, f.batch_size * block, False)},

@@ -114,7 +114,7 @@ def test_sharded_finetune_divides_the_training_state_over_the_processes(capsys):
     assert f.device["logits"] == 16 * 32000 * 4 * 256        # 16 blocks over 4 processes
     assert f.device["masks"] == 6_476_005_376                # every process holds them whole
     assert f.host["gathered_checkpoint"] == 4 * n            # rank 0 writes the whole model
-    assert f.disk["resume_state"] == 0
+    assert f.disk["resume_state"] == 16 * n                  # every process's shard, in all
     check_fits("finetune", f, torch.device("cuda", 0), available=80 * GIB)
     # Data parallel without sharding splits the batch only: every process holds everything.
     replicated = plan_stages(config, params_from_dict({}), processes=4)["finetune"]
@@ -128,4 +128,4 @@ def test_sharded_finetune_divides_the_training_state_over_the_processes(capsys):
     out = capsys.readouterr().out
     assert "(80 GiB GPU, 4 processes)" in out
     finetune_row = next(line for line in out.splitlines() if line.startswith("finetune "))
-    assert finetune_row.split()[1:4] == ["60.6", "25.7", "251.0"] and "yes" in finetune_row
+    assert finetune_row.split()[1:4] == ["60.6", "25.7", "351.4"] and "yes" in finetune_row
