@@ -13,7 +13,9 @@ Data-parallel under `torchrun --standalone --nproc_per_node=N -m tasks.finetune`
 takes its share of each batch and the gradients are summed (gradprune.training.loop), so the global
 batch is finetune.batch_size as in one process; rank 0 alone writes checkpoints, state and output.
 With finetune.sharding: fsdp the processes also split the model, its gradients, AdamW moments
-and moving average (FSDP2); checkpoints are gathered to rank 0 and equal the unsharded ones.
+and moving average (FSDP2); checkpoints are gathered to rank 0 and equal the unsharded ones, and
+each process keeps its own shard of the resumable state, so a relaunch with as many processes
+resumes.
 """
 
 from __future__ import annotations
