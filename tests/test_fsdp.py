@@ -134,7 +134,7 @@ import logging, sys, time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file, save_model
 
 from gradprune.config import FinetuneParams, ModelParams
 from gradprune.models.llama import build_llama, prunable_linears
@@ -146,8 +146,11 @@ init_process_group_from_env()
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
-tiny = ModelParams(layers=2, hidden=16, heads=2, kv_heads=1, ffn=32)
+# Tied embeddings: the gathered file names the pair as save_model names it unsharded.
+tiny = ModelParams(layers=2, hidden=16, heads=2, kv_heads=1, ffn=32, tie_embeddings=True)
 model = build_llama(tiny, 64, 16, 0, seed=0)
+save_model(model, str(out / f"unsharded-{{torch.distributed.get_rank()}}.safetensors"))
+unsharded = load_file(str(out / f"unsharded-{{torch.distributed.get_rank()}}.safetensors"))
 teacher = build_llama(tiny, 64, 16, 0, seed=1)
 g = torch.Generator().manual_seed(2)
 masks = {{name: torch.rand(layer.weight.shape, generator=g) < 0.5
@@ -158,6 +161,10 @@ cfg = FinetuneParams(steps={STEPS}, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_s
                      weight_decay=0.1, eval_every=3, eval_blocks=4, bf16="off")
 shard_model(model)
 shard_model(teacher)
+gathered = full_state_dict(model)
+if is_main_process():
+    assert gathered.keys() == unsharded.keys(), (sorted(gathered), sorted(unsharded))
+    assert all(torch.equal(gathered[k], unsharded[k]) for k in unsharded)
 ema = MovingAverage(0.8)
 
 

@@ -351,6 +351,8 @@ def _newest_state(state_dir: Path) -> Path | None:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded (DTensor) tensor; any other tensor as it is."""
+    if not torch.distributed.is_available():
+        return tensor
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

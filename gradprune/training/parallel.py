@@ -107,6 +107,8 @@ def shard_model(model: nn.Module) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    if not dist.is_available():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -116,9 +118,11 @@ def like_parameter(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tenso
     """`tensor`, of a parameter's full shape, on its device and split as it is: a sharded
     parameter (a DTensor) gets this process's shard, so elementwise products with the
     parameter, its gradient or its optimizer state stay local."""
+    tensor = tensor.to(parameter.device)
+    if not dist.is_available():  # a torch build without torch.distributed has no DTensor
+        return tensor
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    tensor = tensor.to(parameter.device)
     if not isinstance(parameter, DTensor):
         return tensor
     # Every process holds the same full tensor: each slices its own shard, no communication.
