@@ -15,7 +15,7 @@
     gradprune table  [--reports reports]                          the comparison, < 120 columns
     gradprune export [--out exports] [--gguf-dtype f16|f32]       final model: HF, sparse, GGUF
     gradprune plan   --config config.json [--device-memory GIB]   memory and disk per stage,
-                                                                predicted on the meta device
+                     [--processes N]                            predicted on the meta device
 Every command takes --preset presets/<name>.yaml (dotted overrides); --set wins over it.
 """
 
@@ -146,7 +146,8 @@ def print_plan(args: argparse.Namespace) -> int:
     overrides = {**(preset_overrides(args.preset) if args.preset else {}),
                  **parse_overrides(args.overrides)}
     params = params_from_dict(apply_overrides(read_params_file(args.params), overrides))
-    rows = plan_table(plan_stages(read_llama_config(args.config), params), args.cpu)
+    rows = plan_table(plan_stages(read_llama_config(args.config), params,
+                                  processes=args.processes), args.cpu)
     limit = args.device_memory * 2**30
     for row in rows:
         row["fits"] = args.cpu or row["device"] <= limit
@@ -154,7 +155,9 @@ def print_plan(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         gib = 2**30
-        print(f"plan for {args.config} ({'CPU' if args.cpu else f'{args.device_memory:g} GiB GPU'})")
+        where = "CPU" if args.cpu else f"{args.device_memory:g} GiB GPU"
+        print(f"plan for {args.config} ({where}"
+              + (f", {args.processes} processes" if args.processes > 1 else "") + ")")
         print(f"{'stage':<10} {'device GiB':>11} {'host GiB':>9} {'disk GiB':>9}  fits  "
               "largest device parts")
         for row in rows:
@@ -220,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                           help="the GPU's memory to check each stage against (default %(default)s)")
     plan_cmd.add_argument("--cpu", action="store_true",
                           help="plan for a CPU run (device memory is host memory)")
+    plan_cmd.add_argument("--processes", type=int, default=1, metavar="N",
+                          help="torchrun processes (GPUs) fine-tuning splits batches over and, "
+                               "with finetune.sharding: fsdp, shards over (default %(default)s)")
     plan_cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_cmd.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     for command in (plan_cmd,):

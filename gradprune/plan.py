@@ -19,7 +19,11 @@ prediction is a sum of named parts, the arrays a stage holds at its peak:
   ||X_j||: 4 a Linear input; X^T X: 4 in_features^2 a Linear), on the device or offloaded;
 * fine-tuning: fp32 gradients (4), AdamW's two moments (8) and the moving average (4) for every
   parameter, the bool masks (1 a prunable weight), and with distillation the teacher's weights
-  and logits;
+  and logits. Under torchrun (`processes` N) each process takes 1/N of every batch; with
+  finetune.sharding: fsdp each also holds 1/N of the weights, gradients, moments, moving average
+  and teacher, plus what FSDP gathers whole: two decoder layers' weights and gradients (the one
+  computing and the one prefetched) and the root's (embeddings, final norm, LM head), which
+  stay gathered from forward to backward; rank 0 gathers each checkpoint in host memory;
 * host memory: the stage process's runtime (RUNTIME_HOST_BYTES, measured on the development
   machine), plus what a stage keeps on the host (offloaded
   accumulators, averaging's float64 sum). On a CPU the device is the host: the two add up.
@@ -93,6 +97,7 @@ class Shapes:
     prunable_inputs: int     # sum of in_features over prunable Linears
     prunable_inputs_sq: int  # sum of in_features^2
     largest_input_sq: int
+    layer_parameters: int    # of one decoder layer
     layers: int
     hidden: int
     ffn: int
@@ -112,6 +117,7 @@ def model_shapes(config, params: Params) -> Shapes:
         prunable_inputs=sum(m.in_features for m in linears.values()),
         prunable_inputs_sq=sum(m.in_features ** 2 for m in linears.values()),
         largest_input_sq=max(m.in_features ** 2 for m in linears.values()),
+        layer_parameters=sum(p.numel() for p in model.model.layers[0].parameters()),
         layers=config.num_hidden_layers, hidden=config.hidden_size,
         ffn=config.intermediate_size, vocab=config.vocab_size)
 
@@ -134,8 +140,10 @@ def _statistics_bytes(s: Shapes, statistics: tuple[str, ...]) -> int:
     return sum(per[k] for k in statistics)
 
 
-def plan_stages(config, params: Params, bf16: bool = True) -> dict[str, StageNeed]:
-    """Bytes per stage and part (see the module docstring), in the modes `params` chooses."""
+def plan_stages(config, params: Params, bf16: bool = True, processes: int = 1
+                ) -> dict[str, StageNeed]:
+    """Bytes per stage and part (see the module docstring), in the modes `params` chooses;
+    fine-tuning per process of `processes` (torchrun's)."""
     s = model_shapes(config, params)
     block = params.data.block_size
     weights = 4 * s.parameters
@@ -143,14 +151,16 @@ def plan_stages(config, params: Params, bf16: bool = True) -> dict[str, StageNee
     runtime = {"runtime": RUNTIME_HOST_BYTES}
     model_file = 4 * s.parameters
 
-    def training(cfg, extra: dict[str, int]) -> dict[str, int]:
-        tokens = cfg.batch_size * block
+    def training(cfg, extra: dict[str, int], batch: int | None = None,
+                 shards: int = 1) -> dict[str, int]:
+        batch = batch or cfg.batch_size
+        tokens = batch * block
         # A chunked loss holds one chunk's logits (distillation always takes them whole).
         chunked = cfg.loss_chunk is not None and getattr(cfg, "distill_weight", 0) == 0
-        return {"weights": weights, "gradients": 4 * s.parameters,
-                "adamw_moments": 8 * s.parameters, "autocast_copies": autocast,
+        return {"weights": weights // shards, "gradients": 4 * s.parameters // shards,
+                "adamw_moments": 8 * s.parameters // shards, "autocast_copies": autocast,
                 "activations": _activations(s, tokens, False),
-                "logits": _logits(s, cfg.batch_size * min(cfg.loss_chunk, block) if chunked
+                "logits": _logits(s, batch * min(cfg.loss_chunk, block) if chunked
                                   else tokens), **extra}
 
     plan = {}
@@ -203,14 +213,23 @@ def plan_stages(config, params: Params, bf16: bool = True) -> dict[str, StageNee
     plan["masks"] = StageNeed(masks_device, masks_host, masks_disk)
 
     f = params.finetune
-    extra = {"moving_average": 4 * s.parameters, "masks": s.prunable}
+    shards = processes if f.sharding == "fsdp" else 1
+    batch = -(-f.batch_size // processes)  # the largest process's share of a batch
+    extra = {"moving_average": 4 * s.parameters // shards, "masks": s.prunable}
+    if shards > 1:
+        root = s.parameters - s.layers * s.layer_parameters
+        extra["gathered_layers"] = 2 * 8 * s.layer_parameters
+        extra["gathered_root"] = 8 * root
     if f.distill_weight > 0:
-        extra["teacher_weights"] = weights
-        extra["teacher_logits"] = 2 * s.vocab * f.batch_size * block
+        extra["teacher_weights"] = weights // shards
+        extra["teacher_logits"] = 2 * s.vocab * batch * block
     saves = f.runs * (f.checkpoints + 1)  # checkpoints and each run's moving average
-    plan["finetune"] = StageNeed(training(f, extra), dict(runtime),
+    finetune_host = dict(runtime)
+    if shards > 1:
+        finetune_host["gathered_checkpoint"] = 4 * s.parameters
+    plan["finetune"] = StageNeed(training(f, extra, batch, shards), finetune_host,
                                  {"checkpoints": saves * model_file,
-                                  "resume_state": 16 * s.parameters})
+                                  "resume_state": 16 * s.parameters})  # over every shard
 
     plan["average"] = StageNeed(
         {"weights": weights, "logits": _logits(s, f.batch_size * block, False)},
@@ -253,16 +272,18 @@ def check_fits(stage: str, need: StageNeed, device: torch.device,
         f"{'host' if on_cpu else 'device'} memory but {device} has {available / 2**30:.1f} GiB "
         f"(largest parts: {biggest}); shrink it: gradients.checkpointing: true, "
         "gradients.offload: true, gradients.statistics: auto, smaller batch_size or "
-        "data.block_size, or more GPUs (torchrun); `gradprune plan` shows every part")
+        "data.block_size, or more GPUs (torchrun; for fine-tuning with finetune.sharding: "
+        "fsdp); `gradprune plan` shows every part")
 
 
 def check_stage_fits(stage: str, model_dir: Path, params: Params, device: torch.device,
-                     bf16: bool = False) -> None:
+                     bf16: bool = False, processes: int = 1) -> None:
     """check_fits for a stage about to load the LLaMA in `model_dir` (the seq2seq model, which
-    plan does not model, is let through)."""
+    plan does not model, is let through), in one of `processes` processes."""
     if params.model.arch != "llama":
         return
-    check_fits(stage, plan_stages(read_llama_config(model_dir), params, bf16)[stage], device)
+    plan = plan_stages(read_llama_config(model_dir), params, bf16, processes)
+    check_fits(stage, plan[stage], device)
 
 
 def _physical_memory() -> int:

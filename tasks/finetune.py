@@ -12,6 +12,10 @@ ends bit-identical to an uninterrupted run. The folder goes once the output is i
 Data-parallel under `torchrun --standalone --nproc_per_node=N -m tasks.finetune`: every process
 takes its share of each batch and the gradients are summed (gradprune.training.loop), so the global
 batch is finetune.batch_size as in one process; rank 0 alone writes checkpoints, state and output.
+With finetune.sharding: fsdp the processes also split the model, its gradients, AdamW moments
+and moving average (FSDP2); checkpoints are gathered to rank 0 and equal the unsharded ones, and
+each process keeps its own shard of the resumable state, so a relaunch with as many processes
+resumes.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from gradprune.io import atomic_dir, read_json, sha256_file, write_json
 from gradprune.models.llama import bf16_enabled
 from gradprune.plan import check_stage_fits
 from gradprune.pruning.prune import load_pruned_model
-from gradprune.training.parallel import barrier, is_main_process, rank_and_size
+from gradprune.training.parallel import barrier, check_sharding, is_main_process, rank_and_size
 from tasks.recovery import finetune_runs, finetune_summary
 from tasks.stage import DATA, Stage, stage_main
 
@@ -44,8 +48,10 @@ log = logging.getLogger("gradprune.finetune")
 
 def inputs_fingerprint(params: Params) -> str:
     """What resumable state must have been made from to be reused: these params and files."""
-    digest = hashlib.sha256(json.dumps({"seed": params.seed, "finetune": asdict(params.finetune)},
-                                       sort_keys=True).encode())
+    made_by = {"seed": params.seed, "finetune": asdict(params.finetune)}
+    if params.finetune.sharding == "fsdp":  # each process resumes its own shard
+        made_by["processes"] = rank_and_size()[1]
+    digest = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode())
     for path in (DENSE / "model.safetensors", *sorted(MASKS.rglob("*.safetensors")),
                  PREPARED / "train.parquet", PREPARED / "val.parquet"):
         digest.update(sha256_file(path).encode())
@@ -68,12 +74,13 @@ def resume_folder(fingerprint: str) -> Path:
 def run(params: Params, stage: Stage) -> dict:
     cfg = params.finetune
     processes = rank_and_size()[1]
+    check_sharding(cfg.sharding)
     if cfg.batch_size < processes:
         raise ValueError(f"finetune.batch_size={cfg.batch_size} is below the {processes} "
                          "processes, each of which needs a block of every batch; raise it or "
                          "run fewer processes")
     check_stage_fits("finetune", DENSE, params, stage.device,
-                     bf16_enabled(cfg.bf16, stage.device))
+                     bf16_enabled(cfg.bf16, stage.device), processes)
     _, masks = load_pruned_model(DENSE, MASKS, stage.device)
     resume = resume_folder(inputs_fingerprint(params)) if is_main_process() else RESUME
     barrier()  # the other processes read the state the main one kept or cleared
@@ -92,7 +99,7 @@ def run(params: Params, stage: Stage) -> dict:
     stage.log_curve(curves, prefix="curve/", series="run")
     stage.log_artifact(OUT / "checkpoints.json", "finetune")
     return {**finetune_summary(record), "distill_weight": cfg.distill_weight,
-            "bf16": record["validation"]["bf16"]}
+            "bf16": record["validation"]["bf16"], "sharding": cfg.sharding}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.masks import apply_masks
 from gradprune.training.averaging import checkpoint_weights, greedy_soup, merge, swa_weights
 from gradprune.training.loop import Distillation, MovingAverage, mean_loss, train_lm
-from gradprune.training.parallel import is_main_process
+from gradprune.training.parallel import (
+    check_sharding,
+    full_state_dict,
+    is_main_process,
+    is_sharded,
+    shard_model,
+)
 from tasks.stage import DATA
 
 DENSE = DATA / "train" / "model"
@@ -31,16 +37,26 @@ def checkpoint_steps(steps: int, count: int) -> list[int]:
 
 
 def save_weights(model, path: Path) -> None:
-    from safetensors.torch import save_model
+    """The model's weights to `path`, written by the main process. A sharded model is gathered
+    first, which every process must take part in."""
+    from safetensors.torch import save_file, save_model
 
-    with atomic_file(path) as tmp:
-        save_model(model, str(tmp))
+    if is_sharded(model):
+        state = full_state_dict(model)
+        if is_main_process():
+            with atomic_file(path) as tmp:
+                save_file(state, str(tmp))
+        return
+    if is_main_process():
+        with atomic_file(path) as tmp:
+            save_model(model, str(tmp))
 
 
 def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blocks, val_blocks,
                  teacher, bf16: bool) -> dict:
     """One masked fine-tuning run from the model `start()` returns; returns its record (read
-    back if an earlier attempt of the stage finished it)."""
+    back if an earlier attempt of the stage finished it). With finetune.sharding: fsdp the
+    model is sharded over the processes, each of which saves and resumes its own shard."""
     record_file = folder / "run.json"
     if record_file.is_file():
         return read_json(record_file)
@@ -52,6 +68,9 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
     seed = params.seed + 2 + run
     save_at = checkpoint_steps(cfg.steps, cfg.checkpoints)
     model = start()
+    sharded = cfg.sharding == "fsdp"
+    if sharded:
+        shard_model(model)
     ema = MovingAverage(cfg.ema_decay)
     distillation = (Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
                     if teacher is not None else None)
@@ -60,7 +79,7 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
         return f"ckpt-r{run}-{step:06d}.safetensors"
 
     def on_validation(step: int, val_loss: float) -> None:
-        if step in save_at and main:
+        if step in save_at:
             save_weights(model, folder / file_at(step))
 
     log.info("run %d of %d (seed %d)", run + 1, cfg.runs, seed)
@@ -68,7 +87,7 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
                      validate_also_at=set(save_at), on_validation=on_validation,
                      grad_accum=cfg.grad_accum, patience=cfg.patience,
                      distillation=distillation, ema=ema, state_dir=folder / "state")
-    if not main:
+    if not (main or sharded):  # the sharded model's saves and validation need every process
         return {}
     last = curve[-1]
     if last.step not in save_at:  # stopped early: the run's last weights are a checkpoint too
@@ -76,13 +95,15 @@ def finetune_run(run: int, params: Params, folder: Path, start, masks, train_blo
     checkpoints = [{"run": run, "step": p.step, "file": file_at(p.step), "val_loss": p.val_loss}
                    for p in curve if p.step in save_at or p is last]
 
+    # A sharded model loads its moving average shard by shard (both are DTensors).
     model.load_state_dict(ema.weights, strict=False)
     apply_masks(model, masks)
     save_weights(model, folder / f"ema-r{run}.safetensors")
+    ema_val_loss = mean_loss(model, val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
+    if not main:
+        return {}
     moving_average = {"run": run, "step": last.step, "file": f"ema-r{run}.safetensors",
-                      "val_loss": mean_loss(model, val_blocks[: cfg.eval_blocks], cfg.batch_size,
-                                            bf16),
-                      "decay": cfg.ema_decay}
+                      "val_loss": ema_val_loss, "decay": cfg.ema_decay}
     record = {"run": run, "seed": seed, "steps": last.step,
               "stopped_early": last.step < cfg.steps, "checkpoints": checkpoints,
               "ema": moving_average, "curve": [{"run": run, **vars(p)} for p in curve]}
@@ -96,12 +117,15 @@ def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
     relative to each run's folder), with the runs' curves under "curves". Everything computes
     on the device `start()` places the model on."""
     cfg = params.finetune
+    check_sharding(cfg.sharding)
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
     pruned = start()
     device = model_device(pruned)
     bf16 = bf16_enabled(cfg.bf16, device)
     teacher = load_model(DENSE, device) if cfg.distill_weight > 0 else None
+    if teacher is not None and cfg.sharding == "fsdp":
+        shard_model(teacher)
     pruned_val_loss = mean_loss(pruned, val_blocks[: cfg.eval_blocks], cfg.batch_size, bf16)
     del pruned
     runs = [finetune_run(r, params, folder / f"run-{r}", start, masks, train_blocks, val_blocks,

@@ -92,3 +92,40 @@ def test_the_plan_command_prints_every_stage_and_fails_when_one_does_not_fit(cap
     for stage in ("train", "gradients", "masks", "finetune", "average", "evaluate"):
         assert f"\n{stage} " in out
     assert "finetune         167.6" in out
+
+
+def test_sharded_finetune_divides_the_training_state_over_the_processes(capsys):
+    """finetune.sharding: fsdp over 4 processes: a quarter of the weights, gradients, moments
+    and moving average each, two gathered decoder layers and the gathered root, a quarter of
+    each batch; a 7B masked fine-tune that needs 167.6 GiB on one GPU fits 80 GiB each."""
+    from flows.cli import main
+
+    config = read_llama_config(LLAMA2_7B)
+    n = 6_738_415_616
+    layer = 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096     # attention, MLP, two RMSNorms
+    root = 2 * 32000 * 4096 + 4096                           # embeddings, LM head, final norm
+    assert n == 32 * layer + root
+    sharded = params_from_dict({"finetune": {"sharding": "fsdp"}})
+    f = plan_stages(config, sharded, processes=4)["finetune"]
+    assert (f.device["weights"], f.device["gradients"], f.device["adamw_moments"],
+            f.device["moving_average"]) == (n, n, 2 * n, n)
+    assert f.device["gathered_layers"] == 2 * 8 * layer
+    assert f.device["gathered_root"] == 8 * root
+    assert f.device["logits"] == 16 * 32000 * 4 * 256        # 16 blocks over 4 processes
+    assert f.device["masks"] == 6_476_005_376                # every process holds them whole
+    assert f.host["gathered_checkpoint"] == 4 * n            # rank 0 writes the whole model
+    assert f.disk["resume_state"] == 16 * n                  # every process's shard, in all
+    check_fits("finetune", f, torch.device("cuda", 0), available=80 * GIB)
+    # Data parallel without sharding splits the batch only: every process holds everything.
+    replicated = plan_stages(config, params_from_dict({}), processes=4)["finetune"]
+    assert replicated.device["weights"] == 4 * n and "gathered_layers" not in replicated.device
+    with pytest.raises(ValueError, match="finetune.sharding: fsdp"):
+        check_fits("finetune", replicated, torch.device("cuda", 0), available=80 * GIB)
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", str(LLAMA2_7B), "--params", str(ROOT / "params.yaml"),
+              "--set", "finetune.sharding=fsdp", "--processes", "4"])
+    out = capsys.readouterr().out
+    assert "(80 GiB GPU, 4 processes)" in out
+    finetune_row = next(line for line in out.splitlines() if line.startswith("finetune "))
+    assert finetune_row.split()[1:4] == ["60.6", "25.7", "351.4"] and "yes" in finetune_row

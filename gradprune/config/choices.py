@@ -14,6 +14,8 @@ AVERAGE_METHODS = ("uniform", "val_weighted", "greedy", "ema", "swa")
 ARCHS = ("llama", "seq2seq")
 BF16_MODES = ("auto", "on", "off")
 STATISTICS_MODES = ("auto", "all")   # gradients.statistics
+# finetune.sharding: none (every process holds the whole model) | fsdp (FSDP2 under torchrun).
+SHARDING_MODES = ("none", "fsdp")
 CALIBRATION_MODES = ("one_pass", "sequential")   # masks.calibration
 # Criteria whose statistics come from activations: masks.calibration sequential applies to them.
 SEQUENTIAL_CRITERIA = ("wanda", "sparsegpt", "gblm")

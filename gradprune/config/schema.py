@@ -27,6 +27,7 @@ from gradprune.config.choices import (
     OOD_TEXTS,
     SCOPES,
     SEQUENTIAL_CRITERIA,
+    SHARDING_MODES,
     STATISTICS_MODES,
     TAYLOR_VARIANTS,
     ZEROSHOT_TASKS,
@@ -436,6 +437,10 @@ class FinetuneParams(TrainParams):
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
     ema_decay: float = 0.9         # of the exponential moving average kept beside each run
+    # fsdp: under torchrun, weights, gradients, AdamW moments and the moving average are
+    # sharded over the processes (torch.distributed.fsdp.fully_shard), so a model whose
+    # training state does not fit one device fits several.
+    sharding: Literal[SHARDING_MODES] = "none"
 
     def check(self) -> None:
         _require(self.steps >= 1, "finetune.steps", "must be at least 1")
@@ -451,6 +456,11 @@ class FinetuneParams(TrainParams):
         _require(self.distill_temperature > 0, "finetune.distill_temperature", "must be positive")
         _require(0 < self.ema_decay < 1, "finetune.ema_decay",
                  f"must be in (0, 1), got {self.ema_decay}")
+        # The chunked loss calls the decoder and the LM head apart, past the sharded root
+        # module's hooks that gather their weights.
+        _require(self.sharding == "none" or self.loss_chunk is None, "finetune.loss_chunk",
+                 "must be null with finetune.sharding: fsdp (the chunked loss bypasses the "
+                 "sharded model's forward); set it to null or finetune.sharding: none")
 
 
 @dataclass(frozen=True)
@@ -656,6 +666,10 @@ class Params:
         _require(not pretrained or self.data.tokenizer != "bpe", "data.tokenizer",
                  f"a pretrained model.source ({self.model.source}) reads token ids of its own "
                  "tokenizer: give 'model' (or a folder holding that tokenizer), not 'bpe'")
+        _require(self.finetune.sharding == "none" or not self.compare.finetune,
+                 "compare.finetune", "compare rows fine-tune in one process (the compare stage "
+                 "does not run under torchrun), which finetune.sharding: fsdp cannot; set "
+                 "compare.finetune: false or finetune.sharding: none")
         if self.model.arch == "seq2seq":
             self._check_seq2seq()
             _require(self.masks.calibration == "one_pass", "masks.calibration",
@@ -668,6 +682,8 @@ class Params:
         from fnmatch import fnmatchcase
 
         allowed = "'unstructured' or 'N:M' (e.g. '2:4'); 'structured' is LLaMA-only"
+        _require(self.finetune.sharding == "none", "finetune.sharding",
+                 "fsdp shards a LLaMA's decoder layers; set it to none with model.arch seq2seq")
         _require(self.masks.reconstruct.steps == 0, "masks.reconstruct.steps",
                  "block-wise reconstruction walks a LLaMA decoder's layers: set it to 0 with "
                  "model.arch seq2seq")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from gradprune.config.choices import SCOPES
+from gradprune.training.parallel import like_parameter
 
 CHUNK = 1 << 24
 HALF = 1 << 16
@@ -189,7 +190,8 @@ def masks_for_threshold(scores: dict[str, torch.Tensor], tau: float) -> dict[str
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights of `model` in place; mask names are Linear module names."""
+    """Zero the pruned weights of `model` in place; mask names are Linear module names. A
+    sharded weight (FSDP) is masked shard by shard."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, mask in masks.items():
@@ -197,7 +199,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             if weight.shape != mask.shape:
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has "
                                  f"{tuple(weight.shape)}; the masks belong to another model")
-            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+            weight.mul_(like_parameter(mask.to(weight.dtype), weight))
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,11 @@ that share's size and the gradients are summed across processes before clipping:
 the single-process step up to the order of floating-point additions, and every process holds
 the same weights after it. Validation runs whole in every process; only the main process saves
 resumable state.
+
+A model sharded with FSDP (parallel.shard_model) trains the same way: FSDP sums the gradients
+into each process's shard, the masks are split as the weights are, and every process steps its
+own shard. Each process saves and resumes its own shard of the state (with the same number of
+processes).
 """
 
 from __future__ import annotations
@@ -38,11 +43,20 @@ from torch.utils.checkpoint import checkpoint
 
 from gradprune.config import TrainParams
 from gradprune.device import bf16_autocast, model_device
-from gradprune.io import atomic_dir, reading, remove_stale_temporaries
+from gradprune.io import atomic_dir, atomic_file, reading, remove_stale_temporaries
 from gradprune.models.llama import summed_loss
 from gradprune.progress import progress_bar
 from gradprune.pruning.masks import apply_masks
-from gradprune.training.parallel import all_reduce_gradients, all_reduce_sum, is_main_process, share
+from gradprune.training.parallel import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    is_main_process,
+    is_sharded,
+    like_parameter,
+    rank_and_size,
+    share,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +182,11 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
     after it, so a resumed run never skips a checkpoint. With `patience`, training stops once
     that many validations in a row brought no lower validation loss.
     """
+    sharded = is_sharded(model)
     params = dict(model.named_parameters())
     device = model_device(model)
-    masked = {params[f"{name}.weight"]: mask.to(device) for name, mask in (masks or {}).items()}
+    masked = {params[f"{name}.weight"]: like_parameter(mask, params[f"{name}.weight"])
+              for name, mask in (masks or {}).items()}
     if masks:
         apply_masks(model, masks)
     optimizer = adamw(model, cfg)
@@ -209,11 +225,14 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
             lm_total += lm_loss.item() * weight / grad_accum
             if kd_loss is not None:
                 kd_total += kd_loss.item() * weight / grad_accum
-        all_reduce_gradients(model)
+        if not sharded:  # FSDP has summed them into each process's shard
+            all_reduce_gradients(model)
         lm_total, kd_total = _sum_over_processes(lm_total, kd_total)
         for p, mask in masked.items():
             p.grad.mul_(mask)
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if sharded:  # the norm over every shard, replicated on every process
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             raise FloatingPointError(_divergence("gradient norm", norm.item(), step,
                                                  order[step].reshape(-1), state_dir))
@@ -240,7 +259,7 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
         if val_loss is not None:
             if on_validation is not None:
                 on_validation(done, val_loss)
-            if state_dir is not None and is_main_process():
+            if state_dir is not None and (sharded or is_main_process()):
                 save_train_state(state_dir, progress, model, optimizer, ema)
     return curve
 
@@ -325,32 +344,70 @@ def _track_early_stopping(progress: _Progress, val_loss: float, patience: int | 
 # --- resumable state: safetensors for tensors, JSON for counters, never pickle --------------
 
 def _newest_state(state_dir: Path) -> Path | None:
-    saves = sorted(Path(state_dir).glob("step-*"))
+    """The newest complete save: its state.json is written last."""
+    saves = sorted(p for p in Path(state_dir).glob("step-*") if (p / "state.json").is_file())
     return saves[-1] if saves else None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; any other tensor as it is."""
+    if not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _sharded_like(parameter: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A saved shard as a tensor split as `parameter` is (a DTensor), or as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(parameter, DTensor) or local.ndim == 0:  # AdamW's step count
+        return local
+    return DTensor.from_local(local, parameter.device_mesh, parameter.placements,
+                              run_check=False, shape=parameter.shape, stride=parameter.stride())
 
 
 def save_train_state(state_dir: Path, progress: _Progress, model: nn.Module,
                      optimizer: torch.optim.Optimizer, ema: MovingAverage | None) -> None:
     """Write `state_dir/step-NNNNNN` whole (temporary folder, then rename), then delete the
-    older saves: a kill at any moment leaves at least one complete save."""
+    older saves: a kill at any moment leaves at least one complete save.
+
+    A sharded model: every process writes its shard (shard-<rank>.safetensors) and, once all
+    have, the main process writes state.json, which makes the save complete."""
     from safetensors.torch import save_file
 
+    if is_sharded(model):
+        # The root's weights stay gathered after a forward pass (validation's) until backward.
+        model.reshard()
     optim = optimizer.state_dict()
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.named_parameters()}
-    tensors.update({f"optimizer.{index}.{k}": v for index, entry in optim["state"].items()
+    tensors = {f"model.{k}": _local(v.detach()).contiguous() for k, v in model.named_parameters()}
+    tensors.update({f"optimizer.{index}.{k}": _local(v) for index, entry in optim["state"].items()
                     for k, v in entry.items()})
     if ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in ema.weights.items()})
+        tensors.update({f"ema.{k}": _local(v) for k, v in ema.weights.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {**asdict(progress), "param_groups": optim["param_groups"]}
     state_dir = Path(state_dir)
     target = state_dir / f"step-{progress.step:06d}"
-    with atomic_dir(target) as tmp:
-        save_file(tensors, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
-    for older in state_dir.glob("step-*"):
-        if older != target:
-            shutil.rmtree(older)
+    if is_sharded(model):
+        rank, processes = rank_and_size()
+        with atomic_file(target / f"shard-{rank}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        barrier()
+        if is_main_process():
+            with atomic_file(target / "state.json") as tmp:
+                tmp.write_text(json.dumps({**meta, "processes": processes}, indent=1) + "\n")
+    else:
+        with atomic_dir(target) as tmp:
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if is_main_process():
+        for older in state_dir.glob("step-*"):
+            if older != target:
+                shutil.rmtree(older)
+    if is_sharded(model):
+        barrier()  # no process looks for saves while older ones are going
 
 
 def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -361,24 +418,37 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
 
     if is_main_process():  # the only writer of state_dir
         remove_stale_temporaries(state_dir)
+    sharded = is_sharded(model)
+    barrier()  # the main process's cleanup is done before any process looks
     saved = _newest_state(state_dir)
     if saved is None:
         return None
+    rank, processes = rank_and_size()
     with reading(saved, "resume state"):
-        tensors = load_file(str(saved / "tensors.safetensors"), device=str(model_device(model)))
         meta = json.loads((saved / "state.json").read_text())
+        saved_by = meta.pop("processes", 1)
+        if sharded and saved_by != processes:
+            raise ValueError(f"{saved} holds {saved_by} processes' shards, this launch has "
+                             f"{processes}: launch as many, or delete {state_dir} to start over")
+        file = saved / (f"shard-{rank}.safetensors" if sharded else "tensors.safetensors")
+        tensors = load_file(str(file), device=str(model_device(model)))
+    if sharded:
+        model.reshard()
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(tensors[f"model.{name}"])
+        for name, p in params.items():
+            _local(p).copy_(tensors[f"model.{name}"])
+    in_order = [p for group in optimizer.param_groups for p in group["params"]]
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            moments.setdefault(int(index), {})[name] = value
+            moments.setdefault(int(index), {})[name] = _sharded_like(in_order[int(index)], value)
     groups = [{**g, "betas": tuple(g["betas"])} for g in meta.pop("param_groups")]
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     if ema is not None:
-        ema.weights = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ema.weights = {k[len("ema."):]: _sharded_like(params[k[len("ema."):]], v)
+                       for k, v in tensors.items() if k.startswith("ema.")}
     torch.set_rng_state(tensors["rng.torch"])
     meta["curve"] = [CurvePoint(**p) for p in meta["curve"]]
     log.info("resuming from step %d (%s)", meta["step"], saved)
