@@ -11,8 +11,12 @@ cache), in float32 for both, with the same batch size.
   batch_size=B).loglikelihood(instances)`, the harness's own request sorting, padding and
   its one-token-continuation logits cache.
 * gradprune: `gradprune.evaluation.zeroshot.loglikelihoods(model, tokenizer, requests, B,
-  groups=question)`: each question's choices run their shared token prefix once and score
-  their own tokens from its key/value cache; the LM head runs only at scored positions.
+  groups=question)`: each question's choices run their shared token prefix once, followed in
+  the same row by each choice's own tokens under a tree-shaped attention mask; questions are
+  packed several a row, so few forwards run; the LM head runs only at scored positions; the
+  float32 linear layers run oneDNN's matrix multiply (`OneDNNLinear`).
+* gradprune_mkl: the same with `onednn=False`, torch's default (MKL) matrix multiply, as the
+  harness uses: what the scheduling alone gains, and the closer log-likelihoods.
 
 With --bf16, a third contestant: gradprune under bf16 autocast, as the evaluate stage runs
 on a CPU with native bf16 (`evaluate.bf16: auto`); its predictions are compared with the
@@ -44,6 +48,7 @@ gap between the two methods' log-likelihoods of one request.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -127,6 +132,7 @@ def main() -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     model, tokenizer = load_smollm2()
     harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
 
@@ -135,11 +141,12 @@ def main() -> None:
                      for i, pair in enumerate(requests)]
         return [ll for ll, _ in harness.loglikelihood(instances, disable_tqdm=True)]
 
-    def run_gradprune(requests, groups, bf16=False):
+    def run_gradprune(requests, groups, bf16=False, onednn=True):
         return [ll for ll, _ in loglikelihoods(model, tokenizer, requests, args.batch_size,
-                                               bf16=bf16, groups=groups)]
+                                               bf16=bf16, groups=groups, onednn=onednn)]
 
-    methods = ["harness", "gradprune", *(["gradprune_bf16"] if args.bf16 else [])]
+    methods = ["harness", "gradprune", "gradprune_mkl",
+               *(["gradprune_bf16"] if args.bf16 else [])]
 
     max_length = model_max_length(model)
     per_task = {}
@@ -161,6 +168,8 @@ def main() -> None:
             contestants = {
                 "harness": lambda e=entry: run_harness(e["requests"]),
                 "gradprune": lambda e=entry: run_gradprune(e["requests"], e["groups"]),
+                "gradprune_mkl": lambda e=entry: run_gradprune(e["requests"], e["groups"],
+                                                               onednn=False),
                 "gradprune_bf16": lambda e=entry: run_gradprune(e["requests"], e["groups"],
                                                                 bf16=True)}
             order = methods[round_number % len(methods):] + methods[:round_number % len(methods)]
@@ -212,9 +221,13 @@ def main() -> None:
             result[f"{name}_ratio_best"] = round(best["harness"] / best[name], 3)
             result[f"{name}_questions_with_different_predictions"] = sum(
                 t[f"{name}_questions_with_different_predictions"] for t in tasks_out.values())
+            result[f"{name}_max_abs_loglikelihood_difference"] = max(
+                t[f"{name}_max_abs_loglikelihood_difference"] for t in tasks_out.values())
     result["identical_predictions"] = result["gradprune_questions_with_different_predictions"] == 0
     result["tasks"] = tasks_out
     result["machine"] = machine_info()
+    # Other jobs on the same cores slow every contestant; the ratio pairs runs under one load.
+    result["load_average"] = {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]}
     write_json(args.out, result)
 
     print(f"\n{'task':<14} {'tokens':>7} " + " ".join(f"{name + ' s':>18}" for name in methods)
@@ -231,7 +244,8 @@ def main() -> None:
           + " " + " ".join(f"{result[f'{name}_ratio_best']:>20.2f}" for name in methods[1:]))
     for name in methods[1:]:
         print(f"{name}: questions whose prediction differs from the harness's: "
-              f"{result[f'{name}_questions_with_different_predictions']}")
+              f"{result[f'{name}_questions_with_different_predictions']}; largest log-likelihood "
+              f"difference {result[f'{name}_max_abs_loglikelihood_difference']:.1e}")
     print(f"wrote {args.out}")
 
 
