@@ -40,14 +40,20 @@ gap between the two methods' log-likelihoods of one request.
 
     ratio = harness seconds / gradprune seconds   (above 1 favours gradprune)
 
+With --float64-reference every request is also scored by a float64 copy of the model (one
+plain forward each, untimed), and each method's largest error against it is reported: how far
+float32 rounding alone moves a log-likelihood, the scale of any gap between two methods.
+
     OMP_NUM_THREADS=1 python benchmarks/zeroshot_speed.py [--items 6] [--repeats 3]
         [--batch-size 8] [--tasks hellaswag piqa ...] [--sample-seed S] [--bf16]
+        [--float64-reference]
         [--out benchmarks/results/zeroshot_speed.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -110,6 +116,18 @@ def predictions(questions, lls: list[float]) -> list[tuple[int, int]]:
     return picks
 
 
+def float64_loglikelihoods(exact_model, tokenizer, requests, max_length: int) -> list[float]:
+    """The exact reference: one plain forward of `exact_model` (a float64 copy of the model)
+    per request over its HFLM input, log-softmax at every position."""
+    lls = []
+    for tokens, targets in model_inputs(tokenizer, requests, max_length):
+        with torch.no_grad():
+            logits = exact_model(input_ids=torch.tensor([tokens])).logits[0]
+        log_probs = logits[len(tokens) - len(targets):].log_softmax(-1)
+        lls.append(log_probs.gather(1, torch.tensor(targets)[:, None]).sum().item())
+    return lls
+
+
 def timed(fn):
     started = time.perf_counter()
     result = fn()
@@ -123,6 +141,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--sample-seed", type=int, default=None)
+    parser.add_argument("--float64-reference", action="store_true",
+                        help="also score every request in float64 (one plain forward each, "
+                             "untimed) and report each method's largest error against it")
     parser.add_argument("--bf16", action="store_true",
                         help="also time gradprune under bf16 autocast")
     parser.add_argument("--out", type=Path,
@@ -180,6 +201,7 @@ def main() -> None:
             print(f"round {round_number} {task}: " + ", ".join(
                 f"{name} {entry[f'{name}_s'][-1]:.2f} s" for name in methods), flush=True)
 
+    exact_model = copy.deepcopy(model).double() if args.float64_reference else None
     tasks_out = {}
     for task, entry in per_task.items():
         theirs = predictions(entry["questions"], entry["harness_lls"])
@@ -198,6 +220,12 @@ def main() -> None:
                     a != b for a, b in zip(theirs, ours))
                 out[f"{name}_max_abs_loglikelihood_difference"] = max(
                     abs(a - b) for a, b in zip(entry["harness_lls"], entry[f"{name}_lls"]))
+        if args.float64_reference:
+            exact = float64_loglikelihoods(exact_model, tokenizer, entry["requests"],
+                                           max_length)
+            for name in methods:
+                out[f"{name}_max_abs_error_vs_float64"] = max(
+                    abs(a - b) for a, b in zip(entry[f"{name}_lls"], exact))
         tasks_out[task] = out
 
     tokens = sum(e["tokens"] for e in per_task.values())
@@ -223,6 +251,10 @@ def main() -> None:
                 t[f"{name}_questions_with_different_predictions"] for t in tasks_out.values())
             result[f"{name}_max_abs_loglikelihood_difference"] = max(
                 t[f"{name}_max_abs_loglikelihood_difference"] for t in tasks_out.values())
+    if args.float64_reference:
+        for name in methods:
+            result[f"{name}_max_abs_error_vs_float64"] = max(
+                t[f"{name}_max_abs_error_vs_float64"] for t in tasks_out.values())
     result["identical_predictions"] = result["gradprune_questions_with_different_predictions"] == 0
     result["tasks"] = tasks_out
     result["machine"] = machine_info()
@@ -242,6 +274,9 @@ def main() -> None:
     print(f"{'all (best)':<14} {tokens:>7} "
           + " ".join(f"{best[name]:>18.2f}" for name in methods)
           + " " + " ".join(f"{result[f'{name}_ratio_best']:>20.2f}" for name in methods[1:]))
+    if args.float64_reference:
+        print("largest error against float64: " + ", ".join(
+            f"{name} {result[f'{name}_max_abs_error_vs_float64']:.1e}" for name in methods))
     for name in methods[1:]:
         print(f"{name}: questions whose prediction differs from the harness's: "
               f"{result[f'{name}_questions_with_different_predictions']}; largest log-likelihood "
