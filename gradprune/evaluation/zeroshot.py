@@ -335,10 +335,10 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     or ROW_TOKENS, whichever is shorter; a forward takes the next rows, fullest first, while
     they fit in `batch_size` times the longest request's tokens once padded, so no forward
     holds more tokens than the harness's would, and few forwards run: each streams all the
-    weights once, which costs as much as dozens of tokens on a CPU. The output embeddings (LM head) run only at scored positions. Inputs longer
-    than the model's maximum length lose tokens from the left. In float32 (`bf16` False) the
-    decoder's linear layers run oneDNN's matrix multiply unless `onednn` is False
-    (`OneDNNLinear`).
+    weights once, which costs as much as dozens of tokens on a CPU. The output embeddings
+    (LM head) run only at scored positions. Inputs longer than the model's maximum length
+    lose tokens from the left. In float32 (`bf16` False) the decoder's linear layers run
+    oneDNN's matrix multiply unless `onednn` is False (`OneDNNLinear`).
     """
     if not requests:
         return []
