@@ -31,7 +31,8 @@ steadier figure).
 Tokens: `tokens` counts every request's model input as HFLM forms it (context + continuation,
 left-truncated, without the last token), the work a scorer without sharing does; tokens/s of
 both methods divide that same count, so their ratio is the wall-time ratio.
-`tokens_computed` is what gradprune's shared prefixes actually ran.
+`tokens_computed` is what gradprune's shared prefixes actually ran, `tokens_padded` the same
+with the padding of its packed rows, in `forwards` forwards (float32 or bf16 alike).
 
 Predictions: for every question, the choice with the highest log-likelihood (acc) and the
 highest per-character log-likelihood (acc_norm) under each method; `identical_predictions`
@@ -69,6 +70,7 @@ import torch  # noqa: E402
 from benchmarks.throughput import machine_info  # noqa: E402
 from gradprune.evaluation.zeroshot import (  # noqa: E402
     TASKS,
+    forward_batches,
     load_task,
     loglikelihoods,
     model_inputs,
@@ -175,10 +177,14 @@ def main() -> None:
         questions, requests, groups = task_requests(task, args.items, args.sample_seed)
         inputs = [tokens for tokens, _ in model_inputs(tokenizer, requests, max_length)]
         runs = shared_prefixes(inputs, groups)
-        computed = sum(length + sum(len(inputs[i]) - length for i in members)
-                       for length, members in runs)
+        # a segment: a run's shared prefix and each of its requests' own tokens
+        segments = [length + sum(len(inputs[i]) - length for i in members)
+                    for length, members in runs]
+        forwards = forward_batches(segments, args.batch_size * max(map(len, inputs)))
+        padded = sum(len(rows) * sum(segments[s] for s in rows[0]) for rows in forwards)
         per_task[task] = {"questions": questions, "requests": requests, "groups": groups,
-                          "tokens": sum(map(len, inputs)), "tokens_computed": computed,
+                          "tokens": sum(map(len, inputs)), "tokens_computed": sum(segments),
+                          "tokens_padded": padded, "forwards": len(forwards),
                           **{f"{name}_s": [] for name in methods}}
         first = len(questions[0].choices)  # warm-up: one question each, untimed
         run_harness(requests[:first])
@@ -206,7 +212,8 @@ def main() -> None:
     for task, entry in per_task.items():
         theirs = predictions(entry["questions"], entry["harness_lls"])
         out = {"questions": len(entry["questions"]), "requests": len(entry["requests"]),
-               "tokens": entry["tokens"], "tokens_computed": entry["tokens_computed"]}
+               "tokens": entry["tokens"], "tokens_computed": entry["tokens_computed"],
+               "tokens_padded": entry["tokens_padded"], "forwards": entry["forwards"]}
         for name in methods:
             median = statistics.median(entry[f"{name}_s"])
             out[f"{name}_s"] = [round(s, 3) for s in entry[f"{name}_s"]]
@@ -239,6 +246,8 @@ def main() -> None:
         "repeats": args.repeats, "batch_size": args.batch_size,
         "tokens": tokens,
         "tokens_computed": sum(e["tokens_computed"] for e in per_task.values()),
+        "tokens_padded": sum(e["tokens_padded"] for e in per_task.values()),
+        "forwards": sum(e["forwards"] for e in per_task.values()),
     }
     for name in methods:
         result[f"{name}_s"] = round(totals[name], 3)

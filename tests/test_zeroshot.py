@@ -22,6 +22,7 @@ from gradprune.evaluation.zeroshot import (
     Question,
     TaskError,
     encode_pair,
+    forward_batches,
     evaluate_task,
     load_jsonl_task,
     load_task,
@@ -163,6 +164,18 @@ def test_packed_rows_fill_rows_best_fit_longest_first():
     # an item longer than the capacity gets a row of its own
     assert packed_rows([20, 4, 4], capacity=8) == [[0], [1, 2]]
     assert packed_rows([], capacity=8) == []
+
+
+def test_forward_batches_fill_the_token_budget_once_padded(monkeypatch):
+    from gradprune.evaluation import zeroshot
+    monkeypatch.setattr(zeroshot, "ROW_TOKENS", 10)
+    # rows of at most 10, fullest first: [12] alone, [8, 2], [7, 3], [9], [5, 4]; padded to
+    # the first row of a forward: 2 x 12 > 20 tokens, 2 x 10 fit, 3 x 10 do not, 2 x 9 fit
+    assert forward_batches([12, 8, 9, 7, 5, 4, 3, 2], budget=20) == [
+        [[0]], [[1, 7], [3, 6]], [[2], [4, 5]]]
+    # a row wider than the budget still runs, alone
+    assert forward_batches([30, 1], budget=20) == [[[0]], [[1]]]
+    assert forward_batches([], budget=20) == []
 
 
 @settings(max_examples=200, deadline=None)

@@ -288,6 +288,23 @@ def packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return sorted(rows, key=lambda row: -sum(lengths[i] for i in row))
 
 
+def forward_batches(lengths: list[int], budget: int) -> list[list[list[int]]]:
+    """The forwards that run segments of `lengths` tokens: each a list of rows, each row a list
+    of segment indices (`packed_rows`, rows at most as long as the longest segment or
+    ROW_TOKENS); a forward takes the next rows, fullest first, while they fit in `budget`
+    tokens once padded to its fullest (at least one row each)."""
+    if not lengths:
+        return []
+    rows = packed_rows(lengths, min(max(lengths), ROW_TOKENS))
+    widths = [sum(lengths[s] for s in row) for row in rows]
+    forwards, start = [], 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or (end + 1 - start) * widths[start] > budget:
+            forwards.append(rows[start:end])
+            start = end
+    return forwards
+
+
 @dataclass
 class _Segment:
     """One run of the model laid out in a row: its shared prefix, then each request's tokens
@@ -348,15 +365,8 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
     inputs = [tokens for tokens, _ in pairs]
     runs = shared_prefixes(inputs, groups if groups is not None else [c for c, _ in requests])
     segments = [_segment(length, indices, pairs) for length, indices in runs]
-    lengths = [len(segment.tokens) for segment in segments]
-    rows = packed_rows(lengths, min(max(lengths), ROW_TOKENS))
-    widths = [sum(lengths[s] for s in row) for row in rows]
-    budget = batch_size * max(map(len, inputs))
-    forwards, start = [], 0
-    for end in range(1, len(rows) + 1):
-        if end == len(rows) or (end + 1 - start) * widths[start] > budget:
-            forwards.append(rows[start:end])
-            start = end
+    forwards = forward_batches([len(segment.tokens) for segment in segments],
+                               batch_size * max(map(len, inputs)))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     for forward in progress_bar(forwards, desc="log-likelihoods"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
