@@ -14,7 +14,8 @@ recorders count every token once all the same); with `offload`, accumulators liv
 memory and each gradient is copied there to be folded (through one pinned staging buffer when
 the model is on a GPU, so the copy runs at full speed and is complete before it is read).
 Memory is the model, one gradient, the accumulators and the (checkpointed) activations:
-nothing grows with the number of blocks.
+nothing grows with the number of blocks. Linears that read one input tensor (a decoder layer's
+q/k/v, gate/up) share its activation statistics, taken once per block.
 
 Every sum is taken in the same order whatever the thread count: blocks in sequence, one fp32
 gradient per block added whole into its accumulator (elementwise, no reduction split across
@@ -129,11 +130,12 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     buffers: dict[tuple, torch.Tensor] = {}
 
     def work_buffer(shape: torch.Size, on: torch.device, use: str) -> torch.Tensor:
-        """An fp32 buffer reused by every block (their inputs have the same shapes): on a CPU, a
-        fresh one per Linear and block costs more in page faults (malloc hands freed memory
-        back to the OS and maps it again) than the arithmetic that fills it."""
-        key = (tuple(shape), on, use)
-        if key not in buffers:
+        """An fp32 buffer of `shape` (tokens x in_features), one per use and width, reused
+        from block to block: a fresh tensor per Linear and block can cost more on a CPU in
+        page faults (malloc hands freed memory back to the OS and maps it again) than the
+        arithmetic that fills it. A block of another length replaces it."""
+        key = (use, shape[-1], on)
+        if key not in buffers or buffers[key].shape != shape:
             buffers[key] = torch.empty(shape, dtype=torch.float32, device=on)
         return buffers[key]
 
