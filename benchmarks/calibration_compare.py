@@ -1,5 +1,6 @@
 """Test perplexity of one-pass against layer-by-layer (sequential) calibration, from the same
-calibration blocks, for wanda (per row) and sparsegpt on the packaged SmolLM2-135M.
+calibration blocks, for wanda (per row) and sparsegpt on the packaged SmolLM2-135M. N:M patterns
+run at 50% only; the JSON is rewritten after every row (`complete` says whether all ran).
 
 Needs a prepare stage's output made with SmolLM2's tokenizer (e.g. the folder
 `scripts/gpu_check.sh` leaves: GPU_CHECK_DIR/data/prepare). One-pass takes ||X_j|| and X^T X
@@ -7,7 +8,7 @@ from the dense model (gradprune.pruning.stats); sequential recomputes them throu
 layers (gradprune.pruning.sequential). Perplexity: sliding windows of 512 tokens, stride 256.
 
     python benchmarks/calibration_compare.py --prepared DIR [--calibration-blocks 8]
-        [--test-tokens 4096] [--patterns unstructured 2:4] [--sparsities 0.5]
+        [--test-tokens 4096] [--patterns unstructured 2:4] [--sparsities 0.5 0.6 0.7]
         [--out benchmarks/results/calibration_compare.json]
 """
 
@@ -23,17 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from gradprune.config import MaskParams  # noqa: E402
-from gradprune.data import calibration_blocks, read_blocks  # noqa: E402
-from gradprune.evaluation.perplexity import sliding_window_perplexity  # noqa: E402
-from gradprune.io import write_json  # noqa: E402
-from gradprune.models.llama import bf16_enabled, prunable_linears  # noqa: E402
-from gradprune.models.sources import load_source_model  # noqa: E402
-from gradprune.pruning.prune import apply_pruning, prune  # noqa: E402
-from gradprune.pruning.sequential import prune_layer_by_layer  # noqa: E402
-from gradprune.pruning.stats import collect_gradient_stats  # noqa: E402
+from gradprune.config import MaskParams
+from gradprune.data import calibration_blocks, read_blocks
+from gradprune.evaluation.perplexity import sliding_window_perplexity
+from gradprune.io import write_json
+from gradprune.models.llama import bf16_enabled, prunable_linears
+from gradprune.models.sources import load_source_model
+from gradprune.pruning.prune import apply_pruning, prune
+from gradprune.pruning.sequential import prune_layer_by_layer
+from gradprune.pruning.stats import collect_gradient_stats
 
 
 def main(argv=None) -> int:
@@ -49,8 +50,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     dense = load_source_model("smollm2")[0]
     bf16 = bf16_enabled("auto", torch.device("cpu"))
-    blocks = calibration_blocks(read_blocks(args.prepared / "train.parquet"),
-                                args.calibration_blocks, args.seed)
+    blocks = calibration_blocks(
+        read_blocks(args.prepared / "train.parquet"), args.calibration_blocks, args.seed
+    )
     test = read_blocks(args.prepared / "test.parquet").reshape(-1)[: args.test_tokens]
     linears = prunable_linears(dense, ("model.layers.*",))
     one_pass, _ = collect_gradient_stats(dense, linears, blocks, bf16, ["act_norm", "hessian"])
@@ -58,31 +60,59 @@ def main(argv=None) -> int:
     def perplexity(model) -> float:
         return sliding_window_perplexity(model, test, 512, 256, 4, bf16)["perplexity"]
 
+    def save(complete: bool) -> None:  # after every row, so a long run's finished rows survive
+        write_json(
+            args.out,
+            {
+                "benchmark": "calibration_compare",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "calibration_blocks": len(blocks),
+                "block_size": blocks.shape[1],
+                "test_tokens": len(test),
+                "bf16": bf16,
+                "complete": complete,
+                "rows": rows,
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+        )
+
     rows = [{"criterion": "dense", "perplexity": perplexity(dense)}]
     print(f"dense: {rows[0]['perplexity']:.2f}", flush=True)
     for pattern in args.patterns:
-        for sparsity in ([0.5] if ":" in pattern else args.sparsities):
+        for sparsity in [0.5] if ":" in pattern else args.sparsities:
             for criterion, scope in (("wanda", "per_row"), ("sparsegpt", "global")):
                 row = {"criterion": criterion, "pattern": pattern, "sparsity": sparsity}
                 for calibration in ("one_pass", "sequential"):
-                    cfg = MaskParams(criterion=criterion, sparsity=sparsity, scope=scope,
-                                     pattern=pattern, calibration=calibration)
+                    cfg = MaskParams(
+                        criterion=criterion,
+                        sparsity=sparsity,
+                        scope=scope,
+                        pattern=pattern,
+                        calibration=calibration,
+                    )
                     model = copy.deepcopy(dense)
                     if calibration == "one_pass":
                         apply_pruning(model, prune(model, one_pass, cfg, args.seed, len(blocks)))
                     else:
-                        prune_layer_by_layer(model, blocks, {n: {} for n in one_pass}, cfg,
-                                             args.seed, len(blocks), bf16=bf16)
+                        prune_layer_by_layer(
+                            model,
+                            blocks,
+                            {n: {} for n in one_pass},
+                            cfg,
+                            args.seed,
+                            len(blocks),
+                            bf16=bf16,
+                        )
                     row[calibration] = perplexity(model)
                     del model
                 rows.append(row)
-                print(f"{criterion:<9} {pattern:<12} {sparsity:.2f}  one-pass "
-                      f"{row['one_pass']:8.2f}  sequential {row['sequential']:8.2f}", flush=True)
-    write_json(args.out, {"benchmark": "calibration_compare",
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                          "calibration_blocks": len(blocks), "block_size": blocks.shape[1],
-                          "test_tokens": len(test), "bf16": bf16, "rows": rows,
-                          "seconds": round(time.perf_counter() - started, 1)})
+                print(
+                    f"{criterion:<9} {pattern:<12} {sparsity:.2f}  one-pass "
+                    f"{row['one_pass']:8.2f}  sequential {row['sequential']:8.2f}",
+                    flush=True,
+                )
+                save(complete=False)
+    save(complete=True)
     return 0
 
 

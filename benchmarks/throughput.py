@@ -40,7 +40,11 @@ measure of how noisy the machine was. Another busy process on the same cores can
 runs several-fold (PyTorch's worker threads wait on whichever one was descheduled); a wide
 spread of `paired_ratios` says so, and the run is worth repeating on a quieter machine.
 `ratio_best` compares the fastest run of each method (timeit's rule: interference only ever
-adds time), a cross-check when the spread is wide.
+adds time), a cross-check when the spread is wide. For the gradients contest, `ratio_cpu` is
+the same ratio of median process CPU seconds (user + system, every thread): it leaves out the
+time the process waited for a core, so with one thread (OMP_NUM_THREADS=1) on a shared machine
+it is the steadier figure; with several threads it also counts threads spinning at barriers.
+Each gradients run's user and system seconds and minor page faults are in the JSON too.
 
 With the defaults (6 steps, 5 rounds, 8 calibration blocks) a run takes about 30 s on two idle
 cores with the repository's params.yaml (batch 8 x 256 tokens) and about a minute at batch 16.
@@ -60,6 +64,7 @@ import dataclasses
 import gc
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -151,6 +156,17 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def timed_with_usage(fn) -> dict:
+    """Wall seconds of one call, and the process's user and system CPU seconds (every thread)
+    and minor page faults during it."""
+    wall, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": wall, "user": after.ru_utime - before.ru_utime,
+            "system": after.ru_stime - before.ru_stime,
+            "page_faults": after.ru_minflt - before.ru_minflt}
+
+
 # ------------------------------------------------------------------------------- benchmarks
 
 
@@ -230,20 +246,22 @@ def bench_gradients(params: Params, blocks: torch.Tensor, vocab: int, count: int
     variants = {"gradprune": tuple(s for s in requested if s != "hessian") or ("act_norm",),
                 "gradprune_requested": requested}
 
-    def run(which: str, sample: torch.Tensor) -> float:
+    def run(which: str, sample: torch.Tensor) -> dict:
         model = fresh_model(params, vocab, context)
         linears = prunable_linears(model, cfg.include, cfg.exclude)
         if which == "baseline":
-            return timed(lambda: bare_gradients(model, linears, sample, bf16))
-        return timed(lambda: collect_gradient_stats(model, linears, sample, bf16,
-                                                    variants[which]))
+            return timed_with_usage(lambda: bare_gradients(model, linears, sample, bf16))
+        return timed_with_usage(lambda: collect_gradient_stats(model, linears, sample, bf16,
+                                                               variants[which]))
 
     for which in ("baseline", *variants):  # warm-up
         run(which, calibration[:1])
     seconds = {which: [] for which in ("baseline", *variants)}
+    usage = {which: [] for which in seconds}
     for r in range(repeats):
         for which in seconds:
-            seconds[which].append(run(which, calibration))
+            usage[which].append(run(which, calibration))
+            seconds[which].append(usage[which][-1]["wall"])
         print(f"  gradients round {r + 1}/{repeats}: " + ", ".join(
             f"{w} {s[-1]:.2f} s" for w, s in seconds.items()), flush=True)
 
@@ -263,12 +281,14 @@ def bench_gradients(params: Params, blocks: torch.Tensor, vocab: int, count: int
             "gradprune_requested": "the same with every statistic gradients.statistics asks "
                                    "for, Hessians (X^T X per Linear) included",
         },
-        "baseline": baseline,
+        "baseline": {**baseline, **usage_summary(usage["baseline"])},
     }
+    base_cpu = result["baseline"]["median_cpu_seconds"]
     for which in variants:
-        mine = summary(seconds[which], tokens)
+        mine = {**summary(seconds[which], tokens), **usage_summary(usage[which])}
         suffix = "" if which == "gradprune" else "_requested"
         result[which] = mine
+        result[f"ratio_cpu{suffix}"] = round(base_cpu / mine["median_cpu_seconds"], 4)
         result[f"ratio{suffix}"] = round(mine["tokens_per_second"]
                                          / baseline["tokens_per_second"], 4)
         result[f"ratio_best{suffix}"] = round(baseline["min_seconds"] / mine["min_seconds"], 4)
@@ -282,6 +302,19 @@ def summary(seconds: list[float], tokens: int) -> dict:
     return {"seconds": rounded(seconds), "median_seconds": round(median, 4),
             "tokens_per_second": round(tokens / median, 1),
             "min_seconds": round(min(seconds), 4)}
+
+
+def usage_summary(runs: list[dict]) -> dict:
+    """Per run: user and system CPU seconds and minor page faults; medians of each and of
+    user + system."""
+    cpu = [r["user"] + r["system"] for r in runs]
+    return {"user_seconds": rounded([r["user"] for r in runs]),
+            "system_seconds": rounded([r["system"] for r in runs]),
+            "page_faults": [r["page_faults"] for r in runs],
+            "median_cpu_seconds": round(statistics.median(cpu), 4),
+            "median_user_seconds": round(statistics.median(r["user"] for r in runs), 4),
+            "median_system_seconds": round(statistics.median(r["system"] for r in runs), 4),
+            "median_page_faults": statistics.median(r["page_faults"] for r in runs)}
 
 
 def rounded(values: list[float]) -> list[float]:
@@ -323,11 +356,14 @@ def print_table(results: dict) -> None:
         paired = r["paired_ratios"]
         extra = (f"; incl. validation {r['ratio_including_validation']:.3f}"
                  if "ratio_including_validation" in r else "")
+        if "ratio_cpu" in r:
+            extra += f"; CPU time {r['ratio_cpu']:.3f}"
         print(f"{stage:<10} {'ratio':<10} {r['ratio']:>9.3f}   (fastest runs "
               f"{r['ratio_best']:.3f}; per round {min(paired):.3f}..{max(paired):.3f}{extra})")
         if "ratio_requested" in r:
-            print(f"{stage:<10} {'+hessians':<10} {r['ratio_requested']:>9.3f}   (every "
-                  f"requested statistic: {', '.join(r['statistics']['gradprune_requested'])})")
+            print(f"{stage:<10} {'+hessians':<10} {r['ratio_requested']:>9.3f}   (CPU time "
+                  f"{r['ratio_cpu_requested']:.3f}; every requested statistic: "
+                  f"{', '.join(r['statistics']['gradprune_requested'])})")
     print()
 
 

@@ -156,6 +156,43 @@ def test_checkpointing_and_offload_give_the_same_statistics(options):
     assert all("forward" not in vars(layer) for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_linears_reading_one_input_share_its_statistics_with_the_same_bits(bf16, monkeypatch):
+    """q/k/v and gate/up read one tensor: its activation statistics are taken once (4 X^T X
+    products per layer and block, not 7). Handing k, v and up a copy of their input (a pre-hook
+    registered before the pass's own) makes every Linear take its own, and must not change a
+    bit."""
+    blocks = _blocks(3, 7)
+    shared_model = _model(seed=8)
+    linears = prunable_linears(shared_model, ("model.layers.*",))
+    products = []
+    addmm_ = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_",
+                        lambda acc, *args, **kw: products.append(1) or addmm_(acc, *args, **kw))
+    shared, _ = collect_gradient_stats(shared_model, linears, blocks, bf16=bf16,
+                                       statistics=STATISTICS, checkpointing=True)
+    monkeypatch.undo()
+    assert len(products) == 3 * TINY.layers * 4
+    own_model = _model(seed=8)
+    own_linears = prunable_linears(own_model, ("model.layers.*",))
+    copies = [m.register_forward_pre_hook(lambda m, inputs: (inputs[0].clone(),))
+              for n, m in own_linears.items() if n.endswith(("k_proj", "v_proj", "up_proj"))]
+    own, _ = collect_gradient_stats(own_model, own_linears, blocks, bf16=bf16,
+                                    statistics=STATISTICS, checkpointing=True)
+    for hook in copies:
+        hook.remove()
+    assert len(copies) == 3 * TINY.layers
+    for name in linears:
+        for k in STATISTICS:
+            assert torch.equal(shared[name][k], own[name][k]), f"{name}.{k}"
+    attention = "model.layers.1.self_attn"
+    for k in ("act_norm", "hessian"):
+        assert torch.equal(shared[f"{attention}.q_proj"][k], shared[f"{attention}.v_proj"][k])
+        # Separate tensors in the result, though their sums were shared.
+        assert shared[f"{attention}.q_proj"][k].data_ptr() != \
+            shared[f"{attention}.v_proj"][k].data_ptr()
+
+
 def test_unknown_statistic_is_named():
     model = _model()
     with pytest.raises(ValueError, match="unknown statistic 'grad_cube'"):

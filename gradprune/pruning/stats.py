@@ -14,7 +14,8 @@ recorders count every token once all the same); with `offload`, accumulators liv
 memory and each gradient is copied there to be folded (through one pinned staging buffer when
 the model is on a GPU, so the copy runs at full speed and is complete before it is read).
 Memory is the model, one gradient, the accumulators and the (checkpointed) activations:
-nothing grows with the number of blocks.
+nothing grows with the number of blocks. Linears that read one input tensor (a decoder layer's
+q/k/v, gate/up) share its activation statistics, taken once per block.
 
 Every sum is taken in the same order whatever the thread count: blocks in sequence, one fp32
 gradient per block added whole into its accumulator (elementwise, no reduction split across
@@ -29,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -117,28 +119,68 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
     # A Linear records its input once per block: a checkpointed layer runs forward again in
     # backward, and that second call must not count its tokens twice.
     recorded: set[str] = set()
+    # Linears called one after another on the same input tensor (q/k/v, gate/up) share their
+    # activation accumulators from the first block on: every block adds the same sums to them,
+    # so the statistics are taken once per input, with the bits they would have anyway. Only the
+    # last input is held (a reference to every one would keep all layers' activations alive
+    # under checkpointing).
+    last_input: list = [None, -1, ""]  # tensor, its version counter, the Linear that read it
+    reads_like: dict[str, str] = {}  # Linear -> the Linear whose accumulators it shares
+
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def work_buffer(shape: torch.Size, on: torch.device, use: str) -> torch.Tensor:
+        """An fp32 buffer of `shape` (tokens x in_features), one per use and width, reused
+        from block to block: a fresh tensor per Linear and block can cost more on a CPU in
+        page faults (malloc hands freed memory back to the OS and maps it again) than the
+        arithmetic that fills it. A block of another length replaces it."""
+        key = (use, shape[-1], on)
+        if key not in buffers or buffers[key].shape != shape:
+            buffers[key] = torch.empty(shape, dtype=torch.float32, device=on)
+        return buffers[key]
 
     def recorder(name):
         def hook(module, inputs):
             if name in recorded:
                 return
             recorded.add(name)
-            x = inputs[0].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            tokens[name] += x.shape[0]
-            if act_sq:
-                act_sq[name] += x.square().sum(dim=0).to(home)
+            given = inputs[0]
+            x = given.detach()
+            tokens[name] += x.numel() // x.shape[-1]
+            same = last_input[0] is given and last_input[1] == given._version
+            owner = last_input[2] if same else name
+            if reads_like.setdefault(name, owner) != owner:
+                raise RuntimeError(f"{name} read the input of {reads_like[name]} in the first "
+                                   "calibration block but not in a later one; the statistics "
+                                   "assume a fixed forward")
+            if owner != name:  # the owner has added this block's sums already
+                if act_sq:
+                    act_sq[name] = act_sq[owner]
+                if xtx:
+                    xtx[name] = xtx[owner]
+                return
+            last_input[:] = [given, given._version, name]
+            rows = x.reshape(-1, x.shape[-1])
+            copied = rows.dtype != torch.float32
+            if copied:  # a bf16 input: our own fp32 copy
+                rows = work_buffer(rows.shape, rows.device, "input").copy_(rows)
             if xtx and offload:
-                xtx[name] += (x.T @ x).to(home)
+                xtx[name] += (rows.T @ rows).to(home)
             elif xtx:
-                xtx[name].addmm_(x.T, x)
+                xtx[name].addmm_(rows.T, rows)
+            if act_sq:  # the model's own input is left alone; a copy is squared in place
+                squares = rows if copied else work_buffer(rows.shape, rows.device, "squares")
+                torch.mul(rows, rows, out=squares)
+                act_sq[name] += squares.sum(dim=0).to(home)
         return hook
 
     def folder(name):
         acc = sums[name]
 
         def hook(weight):
-            g = weight.grad.float()
+            # Folded in the gradient's own dtype: a bf16 gradient is promoted to fp32 inside
+            # each add (the sums equal those of an fp32 copy), without the copy.
+            g = weight.grad
             if staging is not None:
                 g = staging[:g.numel()].view_as(g).copy_(g)  # synchronous: complete on return
             elif g.device != home:
@@ -159,7 +201,10 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
         p.requires_grad_(False)
     for layer in linears.values():
         layer.weight.requires_grad_(bool(gradients))
-    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in linears.items()]
+    handles = []
+    if act_sq or xtx:
+        handles += [layer.register_forward_pre_hook(recorder(name))
+                    for name, layer in linears.items()]
     if gradients:
         handles += [layer.weight.register_post_accumulate_grad_hook(folder(name))
                     for name, layer in linears.items()]
@@ -169,20 +214,29 @@ def collect_gradient_stats(model: nn.Module, linears: dict[str, nn.Linear], bloc
                 torch.set_grad_enabled(bool(gradients)):
             for block in progress_bar(share(blocks), desc="calibration blocks"):
                 recorded.clear()
+                last_input[0] = None
                 batch = block.unsqueeze(0).to(device)
                 with bf16_autocast(device, bf16):
                     loss = model(input_ids=batch, labels=batch).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"calibration loss is {loss.item()}; the model is "
-                                             "broken")
                 if gradients:
                     loss.backward()
-                total_loss += loss.item()
+                loss_value = loss.item()  # the block's one host-device sync
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"calibration loss is {loss_value}; the model is "
+                                             "broken")
+                total_loss += loss_value
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+    # Shared accumulators part again, so that every Linear's sums are reduced exactly once.
+    for name, owner in reads_like.items():
+        if owner != name:
+            if act_sq:
+                act_sq[name] = act_sq[owner].clone()
+            if xtx:
+                xtx[name] = xtx[owner].clone()
     # Counts travel as float64, which holds the token counts and the loss sum exactly.
     counts = torch.tensor([total_loss, *tokens.values()], dtype=torch.float64, device=home)
     all_reduce_sum([t for per in sums.values() for t in per.values()]
