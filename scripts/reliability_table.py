@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "RELIABILITY.md"
 START, END = "<!-- refusals:start -->", "<!-- refusals:end -->"
-UNIT = ["tests/test_config.py", "tests/test_bad_input.py", "tests/test_artifacts.py"]
+UNIT = ["tests/test_config.py", "tests/test_bad_input.py", "tests/test_artifacts.py",
+        "tests/test_fsdp.py::test_fsdp_in_one_process_stops_before_compute"]
 INTEGRATION = ["tests/test_faults.py::test_shell_code_in_params_never_runs",
                "tests/test_faults.py::test_bad_params_after_a_run_are_cheap_to_recover",
                "tests/test_faults.py::test_a_full_disk_fails_clearly_and_keeps_outputs_and_cache"]
