@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from gradprune.config import Params
-from gradprune.config.choices import SEQUENTIAL_CRITERIA
 from gradprune.models.llama import prunable_linears
 from gradprune.pruning.stats import requested_statistics
 
@@ -197,7 +196,7 @@ def plan_stages(config, params: Params, bf16: bool = True, processes: int = 1
         masks_device["sparsegpt_working_set"] = 3 * 4 * s.largest_input_sq
         masks_disk["rewritten_weights"] = 4 * s.prunable
     masks_host = dict(runtime)
-    if m.calibration == "sequential" and m.criterion in SEQUENTIAL_CRITERIA:
+    if m.layer_by_layer(params.model.arch):
         # The model, its masks and rewritten weights stay in host memory; the device holds one
         # decoder layer, its statistics and scores, and the calibration hidden states in and
         # out of it.

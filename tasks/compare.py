@@ -142,7 +142,7 @@ def run(params: Params, stage: Stage) -> dict:
                 **parameter_counts(model), **accuracy}
 
     row = {"criterion": criterion, "pattern": pattern, "scope": cfg.scope,
-           "allocation": cfg.allocation, "sparsity_asked": cfg.sparsity,
+           "calibration": trained.calibration, "allocation": cfg.allocation, "sparsity_asked": cfg.sparsity,
            "prune_seconds": prune_seconds, **scores(model, "pruned")}
     if pruned.smaller is not None and params.evaluate.speed.enabled:
         row["speed"] = speedup(model, len(tokenizer), params, stage.device)

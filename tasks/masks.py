@@ -25,7 +25,7 @@ def run(params: Params, stage: Stage) -> dict:
     if reconstruction is not None:
         report["reconstruction"] = reconstruction
     report.update(criterion=cfg.criterion, variant=cfg.variant, pattern=cfg.pattern,
-                  calibration=cfg.calibration, allocation=cfg.allocation,
+                  calibration=trained.calibration, allocation=cfg.allocation,
                   tau=cfg.tau, scope=cfg.scope, sparsity_asked=cfg.sparsity)
     with atomic_dir(OUT) as out:
         save_pruned(out, pruned)
@@ -35,6 +35,7 @@ def run(params: Params, stage: Stage) -> dict:
         "criterion": cfg.criterion,
         "pattern": cfg.pattern,
         "allocation": cfg.allocation,
+        "calibration": trained.calibration,
         "sparsity_asked": cfg.sparsity,
         "sparsity_achieved": report["total"]["sparsity"],
         "kept": report["total"]["kept"],

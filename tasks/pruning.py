@@ -14,7 +14,7 @@ from gradprune.config import MaskParams, Params
 from gradprune.data import calibration_blocks, read_blocks
 from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.prune import Pruned
-from gradprune.pruning.sequential import layer_by_layer, prune_calibrated, statistics_to_load
+from gradprune.pruning.sequential import prune_calibrated, statistics_to_load
 from gradprune.pruning.stats import load_stats, load_stats_info
 from tasks.stage import DATA
 
@@ -26,6 +26,7 @@ STATS = DATA / "gradients" / "stats.safetensors"
 class PrunedTrained:
     dense: nn.Module  # the trained model; layer by layer it ends pruned (see prune_calibrated)
     pruned: Pruned
+    calibration: str  # as masks.calibration resolved for this config: one_pass or sequential
     blocks: torch.Tensor | None  # the calibration blocks, where a layer pass or reconstruction needs them
     shapes: dict[str, torch.Size]  # weight shape of every Linear the statistics cover
 
@@ -33,9 +34,10 @@ class PrunedTrained:
 def prune_trained(params: Params, cfg: MaskParams, device: torch.device) -> PrunedTrained:
     # Layer by layer, the model stays in host memory and one decoder layer at a time computes
     # on the device.
-    sequential = layer_by_layer(cfg)
+    arch = params.model.arch
+    sequential = cfg.layer_by_layer(arch)
     dense = load_model(DENSE, None if sequential else device)
-    stats = load_stats(STATS, device, statistics_to_load(cfg))
+    stats = load_stats(STATS, device, statistics_to_load(cfg, arch))
     modules = dict(dense.named_modules())
     missing = [name for name in stats if name not in modules]
     if missing:
@@ -46,7 +48,7 @@ def prune_trained(params: Params, cfg: MaskParams, device: torch.device) -> Prun
                                 params.gradients.calibration_blocks, params.seed) \
         if sequential or cfg.reconstruct.steps else None
     pruned = prune_calibrated(dense, stats, cfg, params.seed,
-                              load_stats_info(STATS)["calibration_blocks"], blocks,
+                              load_stats_info(STATS)["calibration_blocks"], blocks, arch=arch,
                               bf16=bf16_enabled(params.gradients.bf16, device), device=device)
-    return PrunedTrained(dense, pruned, blocks,
+    return PrunedTrained(dense, pruned, "sequential" if sequential else "one_pass", blocks,
                          {name: modules[name].weight.shape for name in stats})

@@ -212,7 +212,10 @@ def test_statistics_each_criterion_reads():
 
 
 def test_the_stage_collects_what_masks_and_compare_read():
-    assert requested_statistics(params_from_dict({})) == ("grad_mean", "act_norm", "hessian")
+    # The default rows: sparsegpt's (masks.calibration auto) take their Hessians layer by layer.
+    assert requested_statistics(params_from_dict({})) == ("grad_mean", "act_norm")
+    one_pass = params_from_dict({"masks": {"calibration": "one_pass"}})
+    assert requested_statistics(one_pass) == ("grad_mean", "act_norm", "hessian")
     only_magnitude = params_from_dict({"masks": {"criterion": "magnitude"},
                                        "compare": {"criteria": ["magnitude", "random"]}})
     assert requested_statistics(only_magnitude) == ("act_norm",)

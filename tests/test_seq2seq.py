@@ -24,7 +24,7 @@ from gradprune.models.seq2seq import (
 from gradprune.pruning.criteria import CRITERIA
 from gradprune.pruning.masks import apply_masks
 from gradprune.pruning.prune import apply_pruning, prune
-from gradprune.pruning.stats import STATISTICS, collect_gradient_stats
+from gradprune.pruning.stats import STATISTICS, collect_gradient_stats, requested_statistics
 
 PAD, EOS = 1, 0
 INCLUDE = ("encoder.layers.*", "decoder.layers.*")
@@ -346,3 +346,15 @@ def test_seq2seq_params_refused_name_their_key(changes, key):
 def test_seq2seq_micro_params_are_valid():
     params = params_from_dict(deep_merge(micro_params(), SEQ2SEQ))
     assert params.model.arch == "seq2seq"
+
+
+def test_calibration_auto_prunes_a_seq2seq_model_by_sparsegpt_in_one_pass():
+    params = params_from_dict(deep_merge(deep_merge(micro_params(), SEQ2SEQ),
+                                         {"masks": {"criterion": "sparsegpt"}}))
+    assert params.masks.calibration == "auto"
+    assert not params.masks.layer_by_layer(params.model.arch)
+    assert "hessian" in requested_statistics(params)
+    with pytest.raises(ParamError) as err:
+        params_from_dict(deep_merge(deep_merge(micro_params(), SEQ2SEQ),
+                                    {"masks": {"calibration": "sequential"}}))
+    assert err.value.key == "masks.calibration"

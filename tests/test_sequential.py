@@ -89,7 +89,8 @@ def test_wanda_first_layer_equals_one_pass_and_later_layers_see_the_pruned_ones(
         assert torch.equal(modules[name].weight != 0, mask), name
     untouched = copy.deepcopy(dense)
     prune_calibrated(untouched, one_pass, MaskParams(criterion="wanda", sparsity=0.5,
-                                                     scope="per_row"), 0, 4, None)
+                                                     scope="per_row", calibration="one_pass"),
+                     0, 4, None, arch="llama")
     assert all(torch.equal(a, b) for a, b in zip(untouched.parameters(), dense.parameters()))
 
 
@@ -124,5 +125,29 @@ def test_the_gradient_pass_leaves_the_activations_to_the_masks_stage():
                                "compare": {"criteria": ["sparsegpt", "gblm", "gradient"]}})
     assert requested_statistics(params) == ("grad_mean", "grad_sq_mean")
     gblm = MaskParams(criterion="gblm", calibration="sequential", scope="per_row")
-    assert statistics_to_load(gblm) == {"grad_sq_mean"}
-    assert statistics_to_load(MaskParams(criterion="gblm")) == {"grad_sq_mean", "act_norm"}
+    assert statistics_to_load(gblm, "llama") == {"grad_sq_mean"}
+    assert statistics_to_load(MaskParams(criterion="gblm"), "llama") == {"grad_sq_mean",
+                                                                        "act_norm"}
+
+
+@pytest.mark.parametrize("changes, arch, expected", [
+    ({"criterion": "sparsegpt"}, "llama", True),
+    ({"criterion": "sparsegpt", "pattern": "2:4", "sparsity": 0.5}, "llama", True),
+    # Where the dense activations are needed, or the decoder is not a LLaMA: one-pass.
+    ({"criterion": "sparsegpt", "allocation": "owl"}, "llama", False),
+    ({"criterion": "sparsegpt", "reconstruct": {"steps": 4}}, "llama", False),
+    ({"criterion": "sparsegpt"}, "seq2seq", False),
+    # Wanda and GBLM measured no better layer by layer: auto keeps them one-pass.
+    ({"criterion": "wanda", "scope": "per_row"}, "llama", False),
+    ({"criterion": "gblm", "scope": "per_row"}, "llama", False),
+    ({"criterion": "gradient"}, "llama", False),
+    ({"criterion": "sparsegpt", "calibration": "one_pass"}, "llama", False),
+    ({"criterion": "wanda", "scope": "per_row", "calibration": "sequential"}, "llama", True),
+])
+def test_auto_calibrates_sparsegpt_layer_by_layer_where_it_can(changes, arch, expected):
+    masks = params_from_dict({"masks": changes}).masks
+    assert masks.layer_by_layer(arch) is expected
+    reads = statistics_to_load(masks, arch)
+    if masks.criterion == "sparsegpt":
+        assert reads == (set() if expected else {"hessian"})
+

@@ -16,7 +16,7 @@ BF16_MODES = ("auto", "on", "off")
 STATISTICS_MODES = ("auto", "all")   # gradients.statistics
 # finetune.sharding: none (every process holds the whole model) | fsdp (FSDP2 under torchrun).
 SHARDING_MODES = ("none", "fsdp")
-CALIBRATION_MODES = ("one_pass", "sequential")   # masks.calibration
+CALIBRATION_MODES = ("auto", "one_pass", "sequential")   # masks.calibration
 # Criteria whose statistics come from activations: masks.calibration sequential applies to them.
 SEQUENTIAL_CRITERIA = ("wanda", "sparsegpt", "gblm")
 # device: auto (CUDA when present) | cpu | cuda | cuda:N; a regular expression, checked whole.

@@ -334,8 +334,9 @@ class MaskParams:
     exclude: tuple[str, ...] = ()
     # wanda, sparsegpt, gblm: one_pass takes activation statistics from the dense model in the
     # gradients stage; sequential recomputes them layer by layer through the already-pruned
-    # layers, as the reference implementations do (gradprune.pruning.sequential).
-    calibration: Literal[CALIBRATION_MODES] = "one_pass"
+    # layers, as the reference implementations do (gradprune.pruning.sequential); auto: the
+    # measured better of the two per criterion (see layer_by_layer).
+    calibration: Literal[CALIBRATION_MODES] = "auto"
     structured: StructuredParams = field(default_factory=StructuredParams)
     sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
     # uniform: every Linear at its target | owl: decoder layers with more activation outliers
@@ -397,6 +398,19 @@ class MaskParams:
         self.reconstruct.check()
         if self.allocation == "owl":
             self._check_owl(pattern)
+
+    def layer_by_layer(self, arch: str) -> bool:
+        """Whether pruning by this config calibrates layer by layer. sequential: for the
+        activation criteria (wanda, sparsegpt, gblm). auto: for sparsegpt alone, which layer by
+        layer beat one-pass at every sparsity and pattern measured on SmolLM2, where wanda lost
+        (docs/RESULTS.md), and only where nothing needs the dense model's activations (uniform
+        allocation, no block reconstruction) on a LLaMA decoder; one-pass otherwise."""
+        if self.criterion not in SEQUENTIAL_CRITERIA or self.calibration == "one_pass":
+            return False
+        if self.calibration == "sequential":
+            return True
+        return (self.criterion == "sparsegpt" and arch == "llama" and self.allocation == "uniform"
+                and not self.reconstruct.steps and parse_pattern(self.pattern) != "structured")
 
     def _check_owl(self, pattern) -> None:
         key = "masks.allocation"
@@ -672,9 +686,9 @@ class Params:
                  "compare.finetune: false or finetune.sharding: none")
         if self.model.arch == "seq2seq":
             self._check_seq2seq()
-            _require(self.masks.calibration == "one_pass", "masks.calibration",
-                     "sequential walks a LLaMA's decoder layers; use one_pass with model.arch "
-                     "seq2seq")
+            _require(self.masks.calibration != "sequential", "masks.calibration",
+                     "sequential walks a LLaMA's decoder layers; use one_pass or auto with "
+                     "model.arch seq2seq")
 
     def _check_seq2seq(self) -> None:
         """What the encoder-decoder cannot do: structured pruning (the smaller-model builder

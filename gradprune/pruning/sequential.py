@@ -24,23 +24,17 @@ import torch
 from torch import nn
 
 from gradprune.config import MaskParams
-from gradprune.config.choices import SEQUENTIAL_CRITERIA
 from gradprune.device import bf16_autocast, model_device
 from gradprune.pruning.criteria import statistics_for
 from gradprune.pruning.prune import Pruned, apply_pruning, prune
 from gradprune.pruning.stats import ACTIVATION_STATISTICS
 
 
-def layer_by_layer(cfg: MaskParams) -> bool:
-    """Whether this masks config calibrates layer by layer (sequential, activation criterion)."""
-    return cfg.calibration == "sequential" and cfg.criterion in SEQUENTIAL_CRITERIA
-
-
-def statistics_to_load(cfg: MaskParams) -> set[str]:
+def statistics_to_load(cfg: MaskParams, arch: str) -> set[str]:
     """What pruning with `cfg` reads from the gradients stage's file: all its criterion reads,
     less the activation statistics that layer-by-layer calibration takes itself."""
     reads = statistics_for([(cfg.criterion, cfg.variant)])
-    return reads - set(ACTIVATION_STATISTICS) if layer_by_layer(cfg) else reads
+    return reads - set(ACTIVATION_STATISTICS) if cfg.layer_by_layer(arch) else reads
 
 
 class _Captured(Exception):
@@ -189,12 +183,13 @@ def prune_layer_by_layer(model: nn.Module, blocks: torch.Tensor,
 
 def prune_calibrated(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]],
                      cfg: MaskParams, seed: int, n_blocks: int, blocks: torch.Tensor | None, *,
-                     bf16: bool = False, device: torch.device | None = None) -> Pruned:
+                     arch: str, bf16: bool = False, device: torch.device | None = None
+                     ) -> Pruned:
     """masks.calibration as configured: layer by layer for the activation criteria when asked
     (`blocks` are then the calibration blocks, each layer computes on `device` while the model
     may stay in host memory, and `model` ends pruned), else the one-pass prune from the
     collected statistics (`model` unchanged)."""
-    if layer_by_layer(cfg):
+    if cfg.layer_by_layer(arch):
         if blocks is None:
             raise ValueError("masks.calibration: sequential needs the calibration blocks")
         return prune_layer_by_layer(model, blocks, stats, cfg, seed, n_blocks, bf16=bf16,

@@ -29,6 +29,7 @@ floating-point additions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gradprune.config import Params
-from gradprune.config.choices import SEQUENTIAL_CRITERIA
+from gradprune.config.schema import row_not_applicable, split_row_pattern
 from gradprune.device import bf16_autocast, model_device
 from gradprune.progress import progress_bar
 from gradprune.pruning.criteria import statistics_for
@@ -62,19 +63,23 @@ def check_statistics(statistics: Iterable[str]) -> tuple[str, ...]:
 def requested_statistics(params: Params) -> tuple[str, ...]:
     """gradients.statistics resolved: every statistic, or those the masks criterion and the
     compare rows read (as compare rows take their variant: masks.variant for gradient and
-    taylor, the plain form otherwise), less the activation statistics of criteria that
-    masks.calibration sequential calibrates layer by layer. act_norm stands in when none is
+    taylor, the plain form otherwise), less the activation statistics of the masks configs that
+    calibrate layer by layer (masks.calibration; a row as its pattern resolves it, with the
+    allocation of masks.*, so a row that OWL leaves uniform may keep statistics it does not
+    read: harmless, never the reverse). act_norm stands in when none is
     read (magnitude, random): it is one forward's worth of work and names every prunable Linear
     in the file."""
     if params.gradients.statistics == "all":
         return STATISTICS
     masks = params.masks
-    rows = [(c, masks.variant if c in ("gradient", "taylor") else "mean")
-            for c in params.compare.criteria]
+    rows = [dataclasses.replace(masks, criterion=c, pattern=split_row_pattern(p, "compare")[0],
+                                variant=masks.variant if c in ("gradient", "taylor") else "mean")
+            for c in params.compare.criteria for p in params.compare.patterns
+            if row_not_applicable(c, p) is None]
     needed = set()
-    for criterion, variant in [(masks.criterion, masks.variant), *rows]:
-        reads = statistics_for([(criterion, variant)])
-        if masks.calibration == "sequential" and criterion in SEQUENTIAL_CRITERIA:
+    for cfg in [masks, *rows]:
+        reads = statistics_for([(cfg.criterion, cfg.variant)])
+        if cfg.layer_by_layer(params.model.arch):
             reads -= set(ACTIVATION_STATISTICS)  # the masks stage takes them layer by layer
         needed |= reads
     return tuple(s for s in STATISTICS if s in (needed or {"act_norm"}))
