@@ -121,7 +121,10 @@ def session_tmp(tmp_path_factory) -> Path:
 
 # fp32 where processes are compared (bf16 rounding would hide the reduction-order
 # differences); a lighter evaluate and compare row, which every sweep point runs.
-UPSTREAM_PARAMS = {"gradients": {"bf16": "off"}, "finetune": {"bf16": "off"},
+# One-pass calibration, so that the gradient pass also takes the Hessians the sparsegpt row
+# reads (the data-parallel test checks their sum over processes).
+UPSTREAM_PARAMS = {"gradients": {"bf16": "off"}, "masks": {"calibration": "one_pass"},
+                   "finetune": {"bf16": "off"},
                    "evaluate": {"tasks": ["piqa"], "speed": {"enabled": False}},
                    "compare": {"zeroshot": False, "finetune": False}}
 

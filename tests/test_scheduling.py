@@ -338,10 +338,12 @@ def test_a_served_run_survives_a_prefect_server_restart_during_a_stage(tmp_path)
           f"processes {seen}; task runs {[(t['name'], t['state_type']) for t in tasks]}")
     assert state["type"] == "COMPLETED", (state, serve_log.read_text()[-3000:])
     assert at_once == {"prepare": 1, "train": 1}, at_once
-    # train's Completed event, sent while the server was down, was lost: the flow settles it.
     assert sorted((t["name"], t["state_type"]) for t in tasks) == [
         ("prepare", "COMPLETED"), ("train", "COMPLETED")]
-    assert "did not reach the server" in {t["name"]: t for t in tasks}["train"]["state"]["message"]
-    assert "marked task runs train Completed on the server" in serve_log.read_text()
+    # train's Completed event either reached the server on a client retry or, sent while it
+    # was down, was lost and the flow settled it, saying so in its log.
+    settled = "did not reach the server" in (
+        {t["name"]: t for t in tasks}["train"]["state"]["message"] or "")
+    assert settled == ("marked task runs train Completed on the server" in serve_log.read_text())
     assert (repo / "data" / "train" / "model" / "model.safetensors").stat().st_size > 0
     assert "up to date" in run(DVC + ["status", "--with-deps", "train"], repo, env)
