@@ -72,7 +72,29 @@ def full_backward_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks:
             xtx[name].addmm_(x.T, x)
         return hook
 
+    def fold(name: str, m: nn.Linear) -> None:
+        g = m.weight.grad.float()
+        sums[name]["grad_mean"] += g
+        sums[name]["grad_abs_mean"] += g.abs()
+        sums[name]["grad_sq_mean"] += g.square()
+
     hooks = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
+    backward_each_block(model, linears, blocks, bf16, fold)
+    for h in hooks:
+        h.remove()
+
+
+def bare_pass(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
+              bf16: bool) -> None:
+    train_only_the_prunable_weights(model, linears)
+    backward_each_block(model, linears, blocks, bf16, lambda name, m: None)
+
+
+def backward_each_block(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
+                        bf16: bool, fold) -> None:
+    """Forward and backward of each block alone; then `fold(name, linear)` reads each prunable
+    weight's gradient, which is dropped before the next block."""
+    device = model_device(model)
     model.eval()
     for block in blocks:
         batch = block.unsqueeze(0).to(device)
@@ -80,27 +102,8 @@ def full_backward_stats(model: nn.Module, linears: dict[str, nn.Linear], blocks:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         for name, m in linears.items():
-            g = m.weight.grad.float()
-            sums[name]["grad_mean"] += g
-            sums[name]["grad_abs_mean"] += g.abs()
-            sums[name]["grad_sq_mean"] += g.square()
+            fold(name, m)
             m.weight.grad = None
-    for h in hooks:
-        h.remove()
-
-
-def bare_pass(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
-              bf16: bool) -> None:
-    device = model_device(model)
-    train_only_the_prunable_weights(model, linears)
-    model.eval()
-    for block in blocks:
-        batch = block.unsqueeze(0).to(device)
-        with bf16_autocast(device, bf16):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        for layer in linears.values():
-            layer.weight.grad = None
 
 
 def load(args, params, device):
