@@ -15,13 +15,7 @@ from gradprune.models.llama import bf16_enabled, load_model
 from gradprune.pruning.masks import apply_masks
 from gradprune.training.averaging import checkpoint_weights, greedy_soup, merge, swa_weights
 from gradprune.training.loop import Distillation, MovingAverage, mean_loss, train_lm
-from gradprune.training.parallel import (
-    check_sharding,
-    full_state_dict,
-    is_main_process,
-    is_sharded,
-    shard_model,
-)
+from gradprune.training.parallel import full_state_dict, is_main_process, is_sharded, shard_model
 from tasks.stage import DATA
 
 DENSE = DATA / "train" / "model"
@@ -117,7 +111,6 @@ def finetune_runs(params: Params, folder: Path, start, masks) -> dict:
     relative to each run's folder), with the runs' curves under "curves". Everything computes
     on the device `start()` places the model on."""
     cfg = params.finetune
-    check_sharding(cfg.sharding)
     train_blocks = read_blocks(PREPARED / "train.parquet")
     val_blocks = read_blocks(PREPARED / "val.parquet")
     pruned = start()

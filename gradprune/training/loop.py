@@ -54,7 +54,9 @@ from gradprune.training.parallel import (
     is_main_process,
     is_sharded,
     like_parameter,
+    local_shard,
     rank_and_size,
+    sharded_like,
     share,
 )
 
@@ -349,25 +351,6 @@ def _newest_state(state_dir: Path) -> Path | None:
     return saves[-1] if saves else None
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded (DTensor) tensor; any other tensor as it is."""
-    if not torch.distributed.is_available():
-        return tensor
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _sharded_like(parameter: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """A saved shard as a tensor split as `parameter` is (a DTensor), or as it is."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(parameter, DTensor) or local.ndim == 0:  # AdamW's step count
-        return local
-    return DTensor.from_local(local, parameter.device_mesh, parameter.placements,
-                              run_check=False, shape=parameter.shape, stride=parameter.stride())
-
-
 def save_train_state(state_dir: Path, progress: _Progress, model: nn.Module,
                      optimizer: torch.optim.Optimizer, ema: MovingAverage | None) -> None:
     """Write `state_dir/step-NNNNNN` whole (temporary folder, then rename), then delete the
@@ -381,11 +364,12 @@ def save_train_state(state_dir: Path, progress: _Progress, model: nn.Module,
         # The root's weights stay gathered after a forward pass (validation's) until backward.
         model.reshard()
     optim = optimizer.state_dict()
-    tensors = {f"model.{k}": _local(v.detach()).contiguous() for k, v in model.named_parameters()}
-    tensors.update({f"optimizer.{index}.{k}": _local(v) for index, entry in optim["state"].items()
-                    for k, v in entry.items()})
+    tensors = {f"model.{k}": local_shard(v.detach()).contiguous()
+               for k, v in model.named_parameters()}
+    tensors.update({f"optimizer.{index}.{k}": local_shard(v)
+                    for index, entry in optim["state"].items() for k, v in entry.items()})
     if ema is not None:
-        tensors.update({f"ema.{k}": _local(v) for k, v in ema.weights.items()})
+        tensors.update({f"ema.{k}": local_shard(v) for k, v in ema.weights.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {**asdict(progress), "param_groups": optim["param_groups"]}
     state_dir = Path(state_dir)
@@ -437,17 +421,17 @@ def load_train_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.O
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in params.items():
-            _local(p).copy_(tensors[f"model.{name}"])
+            local_shard(p).copy_(tensors[f"model.{name}"])
     in_order = [p for group in optimizer.param_groups for p in group["params"]]
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            moments.setdefault(int(index), {})[name] = _sharded_like(in_order[int(index)], value)
+            moments.setdefault(int(index), {})[name] = sharded_like(in_order[int(index)], value)
     groups = [{**g, "betas": tuple(g["betas"])} for g in meta.pop("param_groups")]
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     if ema is not None:
-        ema.weights = {k[len("ema."):]: _sharded_like(params[k[len("ema."):]], v)
+        ema.weights = {k[len("ema."):]: sharded_like(params[k[len("ema."):]], v)
                        for k, v in tensors.items() if k.startswith("ema.")}
     torch.set_rng_state(tensors["rng.torch"])
     meta["curve"] = [CurvePoint(**p) for p in meta["curve"]]

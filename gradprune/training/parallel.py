@@ -130,6 +130,27 @@ def like_parameter(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tenso
                              src_data_rank=None)
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; any other tensor as it is."""
+    if not dist.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded_like(parameter: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A saved shard as a tensor split as `parameter` is (a DTensor), or as it is."""
+    if not dist.is_available():
+        return local
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(parameter, DTensor) or local.ndim == 0:  # AdamW's step count
+        return local
+    return DTensor.from_local(local, parameter.device_mesh, parameter.placements,
+                              run_check=False, shape=parameter.shape, stride=parameter.stride())
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights as host tensors on the main process ({} on the others), each
     tied weight once under the name safetensors' save_model keeps (the first in sorted order),
