@@ -77,8 +77,11 @@ def main() -> None:
     exp = "gradprune exp" + (f" --preset {args.preset}" if args.preset else "")
     ood = list(evaluate.get("ood_tokens_scored", {}))
     dense = evaluate["models"]["dense"]
+    wikitext = "perplexity_wikitext" in dense  # evaluate.wikitext, by the papers' protocol
 
-    header = ["model", "sparsity", "test ppl (x dense)", *[f"{o} ppl (x dense)" for o in ood],
+    header = ["model", "sparsity", "test ppl (x dense)",
+              *(["WikiText-2 ppl (x dense)"] if wikitext else []),
+              *[f"{o} ppl (x dense)" for o in ood],
               *[SHORT[t] for t in TASKS], "avg", "recovery cost", "prefill/decode x",
               "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -95,11 +98,15 @@ def main() -> None:
     def model_perplexities(row: dict) -> list[tuple]:
         return [(row["perplexity_test"], row.get("perplexity_test_ci_low"),
                  row.get("perplexity_test_ci_high")),
+                *([(row["perplexity_wikitext"], row["perplexity_wikitext_ci_low"],
+                    row["perplexity_wikitext_ci_high"])] if wikitext else []),
                 *[(row[f"perplexity_{o}"], None, None) for o in ood]]
 
     def row_perplexities(row: dict) -> list[tuple]:
         return [(row["test_perplexity"], row.get("perplexity_ci_low"),
                  row.get("perplexity_ci_high")),
+                *([(row["wikitext_perplexity"], row["wikitext_perplexity_ci_low"],
+                    row["wikitext_perplexity_ci_high"])] if wikitext else []),
                 *[(row[f"{o}_perplexity"], None, None) for o in ood]]
 
     dense_perplexities = model_perplexities(dense)

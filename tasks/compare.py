@@ -2,8 +2,9 @@
 
 Prunes the dense model with one criterion and pattern from the statistics the gradients stage
 collected (no second gradient pass) and scores it on the same test tokens and windows (target
-tokens for seq2seq) as the evaluate stage: perplexity, and with compare.zeroshot the
-evaluate.tasks benchmarks. With compare.finetune the row then fine-tunes and averages exactly
+tokens for seq2seq) as the evaluate stage: perplexity (and that of evaluate.ood_texts and, by
+the papers' protocol, evaluate.wikitext), and with compare.zeroshot the evaluate.tasks
+benchmarks. With compare.finetune the row then fine-tunes and averages exactly
 as the finetune and average stages do (their params, their code, checkpoints in a temporary
 folder) and scores the merge again. With masks.reconstruct.steps the row also reconstructs
 the pruned model block by block (as the masks stage does) and scores it before fine-tuning
@@ -36,6 +37,8 @@ from tasks.measure import (
     ood_perplexities,
     ood_streams,
     test_perplexity,
+    wikitext_perplexity,
+    wikitext_stream,
     write_questions,
     zero_shot,
 )
@@ -114,14 +117,15 @@ def run(params: Params, stage: Stage) -> dict:
             write_questions(out / QUESTIONS, {})  # the stage's output, empty as the row
         return {"criterion": criterion, "pattern": pattern, "not_applicable": reason}
     cfg = row_mask_params(params, criterion, pattern)
+    tokenizer = load_tokenizer(DENSE)
+    ood = ood_streams(tokenizer, params)
+    wikitext = wikitext_stream(tokenizer, params, DENSE)
     log.info("pruning by %s %s", criterion, pattern)
     started = time.perf_counter()
     trained = prune_trained(params, cfg, stage.device)
     pruned, blocks, shapes = trained.pruned, trained.blocks, trained.shapes
     model = apply_pruning(trained.dense, pruned).to(stage.device)
     prune_seconds = time.perf_counter() - started
-    tokenizer = load_tokenizer(DENSE)
-    ood = ood_streams(tokenizer, params)
 
     questions: dict[str, list[dict]] = {}
 
@@ -135,6 +139,10 @@ def run(params: Params, stage: Stage) -> dict:
                 "test_perplexity": scored["perplexity"], "tokens_scored": scored["tokens_scored"],
                 **{f"{text}_perplexity": value
                    for text, value in ood_perplexities(model, ood, params).items()},
+                # evaluate.wikitext by the papers' protocol, with its interval
+                **({f"wikitext_{k}": v
+                    for k, v in wikitext_perplexity(model, wikitext, params).items()}
+                   if wikitext is not None else {}),
                 # The sliding window of a decoder LM's perplexity and its interval (a seq2seq
                 # model has neither).
                 **{k: scored[k] for k in ("context", "stride", "perplexity_ci_low",

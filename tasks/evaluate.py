@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
-from gradprune.config import ParamError, Params
+from gradprune.config import Params
 from gradprune.data import load_tokenizer
 from gradprune.evaluation.perplexity import (
     PAPER_PROTOCOL,
-    paper_perplexity,
     parameter_counts,
-    read_test_text,
     sliding_window_perplexity,
 )
 from gradprune.evaluation.speed import measure_speed, sparse_kernel_speed
@@ -49,7 +47,8 @@ from tasks.measure import (
     read_questions,
     test_examples,
     test_perplexity,
-    with_interval,
+    wikitext_perplexity,
+    wikitext_stream,
     write_questions,
     zero_shot,
 )
@@ -162,14 +161,7 @@ def run(params: Params, stage: Stage) -> dict:
     tasks = () if seq2seq else cfg.tasks
     dense_shapes = {name: mask.shape for name, mask in load_masks(MASKS / MASKS_FILE).items()}
 
-    wikitext = None
-    if cfg.wikitext is not None:
-        positions = read_json(DENSE / "config.json").get("max_position_embeddings")
-        if positions is not None and cfg.wikitext_context > positions:
-            raise ParamError("evaluate.wikitext_context",
-                             f"{cfg.wikitext_context} tokens exceed the model's {positions} "
-                             "positions; use at most that (the papers use 2048 or 4096)")
-        wikitext = torch.tensor(tokenizer(read_test_text(cfg.wikitext))["input_ids"])
+    wikitext = wikitext_stream(tokenizer, params, DENSE)
 
     factories = pipeline_models(stage.device)
     rows: dict[str, dict] = {}
@@ -186,8 +178,7 @@ def run(params: Params, stage: Stage) -> dict:
                         model, ids, context, stride, cfg.batch_size, bf16)["perplexity"]
                     for s, ids in extra_streams.items()})
         if wikitext is not None:
-            paper = with_interval(paper_perplexity(model, wikitext, cfg.wikitext_context,
-                                                   cfg.batch_size, bf16), params.seed)
+            paper = wikitext_perplexity(model, wikitext, params)
             row["perplexity_wikitext"] = paper["perplexity"]
             row["perplexity_wikitext_ci_low"] = paper["perplexity_ci_low"]
             row["perplexity_wikitext_ci_high"] = paper["perplexity_ci_high"]

@@ -1,6 +1,6 @@
 """The measurements that compare rows and the evaluate stage both report, taken the same way
 for both: test perplexity (sliding windows, or target tokens for seq2seq) with its interval,
-perplexity of the out-of-domain texts, and zero-shot accuracy with every question's
+perplexity of the out-of-domain texts, WikiText-2 perplexity by the papers' protocol, and zero-shot accuracy with every question's
 correctness (a Parquet table, so two rows can be compared question by question)."""
 
 from __future__ import annotations
@@ -13,13 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gradprune.config import Params
+from gradprune.config import ParamError, Params
 from gradprune.data import ood_documents, read_blocks
 from gradprune.device import model_device
-from gradprune.evaluation.perplexity import sliding_window_perplexity
+from gradprune.evaluation.perplexity import (
+    paper_perplexity,
+    read_test_text,
+    sliding_window_perplexity,
+)
 from gradprune.evaluation.statistics import average_interval, compare_models, perplexity_interval
 from gradprune.evaluation.zeroshot import evaluate_task
-from gradprune.io import atomic_file
+from gradprune.io import atomic_file, read_json
 from gradprune.models.llama import bf16_enabled
 from gradprune.models.seq2seq import Seq2SeqTransformer
 from gradprune.training.loop import mean_loss
@@ -85,6 +89,31 @@ def ood_perplexities(model, streams: dict[str, torch.Tensor], params: Params) ->
     return {name: sliding_window_perplexity(model, ids, context, stride,
                                             params.evaluate.batch_size, bf16)["perplexity"]
             for name, ids in streams.items()}
+
+
+def wikitext_stream(tokenizer, params: Params, dense: Path) -> torch.Tensor | None:
+    """evaluate.wikitext's text tokenized once, as the papers' code tokenizes it (None without
+    one). Refuses, before anything is scored, a window longer than the dense model's
+    positions."""
+    cfg = params.evaluate
+    if cfg.wikitext is None:
+        return None
+    positions = read_json(dense / "config.json").get("max_position_embeddings")
+    if positions is not None and cfg.wikitext_context > positions:
+        raise ParamError("evaluate.wikitext_context",
+                         f"{cfg.wikitext_context} tokens exceed the model's {positions} "
+                         "positions; use at most that (the papers use 2048 or 4096)")
+    return torch.tensor(tokenizer(read_test_text(cfg.wikitext))["input_ids"])
+
+
+def wikitext_perplexity(model, ids: torch.Tensor, params: Params) -> dict:
+    """WikiText-2 perplexity by the papers' protocol (non-overlapping windows of
+    evaluate.wikitext_context) with its 95% interval: perplexity, perplexity_ci_low,
+    perplexity_ci_high."""
+    bf16 = bf16_enabled(params.evaluate.bf16, model_device(model))
+    scored = with_interval(paper_perplexity(model, ids, params.evaluate.wikitext_context,
+                                            params.evaluate.batch_size, bf16), params.seed)
+    return {k: scored[k] for k in ("perplexity", "perplexity_ci_low", "perplexity_ci_high")}
 
 
 def with_interval(scored: dict, seed: int) -> dict:

@@ -87,7 +87,10 @@ def report_table(tasks: tuple[str, ...], rows: dict, compared: list[dict], speed
             body.append([label, _perplexity_cell(r["test_perplexity"],
                                                  r.get("perplexity_ci_low"),
                                                  r.get("perplexity_ci_high")),
-                         *(["-"] if wikitext else []),
+                         *([_perplexity_cell(r["wikitext_perplexity"],
+                                             r["wikitext_perplexity_ci_low"],
+                                             r["wikitext_perplexity_ci_high"])
+                            if "wikitext_perplexity" in r else "-"] if wikitext else []),
                          *[f"{r[f'{o}_perplexity']:.2f}" if f"{o}_perplexity" in r else "-"
                            for o in ood],
                          *(["-"] if generated else []),

@@ -279,6 +279,35 @@ def test_a_compare_row_fine_tunes_exactly_as_the_main_path(repro_repo):
     assert row["test_perplexity"] == evaluate["models"]["pruned"]["perplexity_test"]
 
 
+def test_wikitext_is_scored_by_the_papers_protocol_in_evaluate_and_in_compare_rows(repro_repo,
+                                                                                    session_tmp):
+    """A user's WikiText-2 file (here: real English paragraphs standing in for it) is scored in
+    non-overlapping windows for every model evaluate reports and every scoring of a compare row;
+    the row with the main path's criterion and pattern holds the same models, so the same
+    numbers."""
+    from gradprune.data import ood_documents
+
+    repo, env, _ = repro_repo
+    text = session_tmp / "wiki.test.txt"
+    text.write_text("\n\n".join(ood_documents("science")[:40]))
+    run(DVC + ["exp", "run", "-S", f"evaluate.wikitext={text}", "-S",
+               "evaluate.wikitext_context=64", "-S", "compare.criteria=[gradient]", "-S",
+               "compare.patterns=[unstructured]"], repo, env)
+    row = json.loads((repo / "reports" / "compare" / "gradient-unstructured.json").read_text())
+    evaluate = json.loads((repo / "reports" / "evaluate.json").read_text())
+    models = evaluate["models"]
+    for name, model in models.items():
+        assert model["perplexity_wikitext_ci_low"] < model["perplexity_wikitext"] \
+            < model["perplexity_wikitext_ci_high"], name
+    assert row["wikitext_perplexity"] == models["pruned"]["perplexity_wikitext"]
+    assert row["finetuned"]["wikitext_perplexity"] == models["averaged"]["perplexity_wikitext"]
+    assert models["pruned"]["perplexity_wikitext"] > models["dense"]["perplexity_wikitext"]
+    assert "non-overlapping windows of 64 tokens" in evaluate["wikitext_protocol"]
+    report = (repo / "data" / "evaluate" / "report.md").read_text()
+    assert "WikiText-2 ppl" in report
+    assert f"{row['wikitext_perplexity']:.2f} [" in report
+
+
 # Last: it moves the repro workspace to another sparsity.
 def test_changing_sparsity_reruns_only_masks_and_after(repro_repo):
     repo, env, _ = repro_repo
