@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import make_micro_repo, run, run_env
+from conftest import ROOT, make_micro_repo, run, run_env
 from safetensors.torch import load_file
 
 # Whole pipelines in subprocesses: the slow half of the suite.
@@ -306,6 +306,17 @@ def test_wikitext_is_scored_by_the_papers_protocol_in_evaluate_and_in_compare_ro
     report = (repo / "data" / "evaluate" / "report.md").read_text()
     assert "WikiText-2 ppl" in report
     assert f"{row['wikitext_perplexity']:.2f} [" in report
+    # docs/RESULTS.md's table, made by scripts/results_table.py from the same records
+    table = run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--reports",
+                 str(repo / "reports")], ROOT, env)
+    header = next(line for line in table.splitlines() if line.startswith("| model |"))
+    assert "| test ppl (x dense) | WikiText-2 ppl (x dense) |" in header
+    dense = models["dense"]["perplexity_wikitext"]
+    gradient = next(line for line in table.splitlines()
+                    if line.startswith("| gradient (global), unstructured |"))
+    assert (f"{row['wikitext_perplexity']:.2f} [{row['wikitext_perplexity_ci_low']:.2f}, "
+            f"{row['wikitext_perplexity_ci_high']:.2f}] "
+            f"({row['wikitext_perplexity'] / dense:.2f}x)") in gradient
 
 
 # Last: it moves the repro workspace to another sparsity.
