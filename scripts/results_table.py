@@ -10,6 +10,8 @@ and peak memory. Run it in the
 repository (or the experiment's workspace) that made them:
 
     python scripts/results_table.py [--preset presets/smollm2.yaml] > table.md
+
+Only the rows of the run's params (compare.criteria x compare.patterns) are read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gradprune.config import CRITERIA
+from gradprune.config import CRITERIA, load_params
 
 TASKS = ["hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"]
 SHORT = {"hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGr.", "arc_easy": "ARC-e",
@@ -60,11 +62,15 @@ def speedup(speed: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", default="reports", help="the run's stage records")
+    parser.add_argument("--params", default="params.yaml",
+                        help="the run's params (its compare rows are the ones listed)")
     parser.add_argument("--preset", help="the preset the run used, named in the commands")
     args = parser.parse_args()
     metrics = Path(args.reports)
     evaluate = json.loads((metrics / "evaluate.json").read_text())
-    compared = {p.stem: json.loads(p.read_text()) for p in (metrics / "compare").glob("*.json")}
+    # This configuration's rows only: an earlier one's records may still lie beside them.
+    compared = {row: json.loads((metrics / "compare" / f"{row}.json").read_text())
+                for row in load_params(args.params).compare.rows()}
     # evaluate holds each compare row's tests against the dense model (its questions are there)
     for key, tests in evaluate.get("compare_vs_dense", {}).items():
         for name, vs in tests.items():

@@ -101,7 +101,7 @@ def row_of(params: Params, stage: Stage) -> tuple[str, str]:
             raise ParamError("--criterion", f"got {criterion!r}; allowed: {', '.join(CRITERIA)}")
         split_row_pattern(pattern, "--pattern")
         return criterion, pattern
-    rows = {f"{c}-{p}": (c, p) for c in params.compare.criteria for p in params.compare.patterns}
+    rows = params.compare.rows()
     key = stage.name.partition("@")[2]
     if key not in rows:
         raise ParamError("compare", f"row {key!r} is not one of compare.criteria x "

@@ -211,7 +211,8 @@ def run(params: Params, stage: Stage) -> dict:
             speed["sparse_kernel"] = {"module": name,
                                       **sparse_kernel_speed(weight, s.sparse_kernel_tokens,
                                                             s.repeats)}
-    compared = [read_json(p) for p in sorted((REPORTS / "compare").glob("*.json"))]
+    # The rows of this configuration only: an earlier one's records may still lie beside them.
+    compared = [read_json(REPORTS / "compare" / f"{row}.json") for row in params.compare.rows()]
     if questions:
         mark_against_dense(rows, compared, questions, params.seed)
 

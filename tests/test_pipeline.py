@@ -284,7 +284,8 @@ def test_wikitext_is_scored_by_the_papers_protocol_in_evaluate_and_in_compare_ro
     """A user's WikiText-2 file (here: real English paragraphs standing in for it) is scored in
     non-overlapping windows for every model evaluate reports and every scoring of a compare row;
     the row with the main path's criterion and pattern holds the same models, so the same
-    numbers."""
+    numbers. A record an earlier configuration left behind is in neither the report nor the
+    results table."""
     from gradprune.data import ood_documents
 
     repo, env, _ = repro_repo
@@ -306,9 +307,17 @@ def test_wikitext_is_scored_by_the_papers_protocol_in_evaluate_and_in_compare_ro
     report = (repo / "data" / "evaluate" / "report.md").read_text()
     assert "WikiText-2 ppl" in report
     assert f"{row['wikitext_perplexity']:.2f} [" in report
+
+    stale = {**row, "criterion": "magnitude", "pattern": "2:4"}
+    (repo / "reports" / "compare" / "magnitude-2:4.json").write_text(json.dumps(stale))
+    run(DVC + ["repro", "-f", "-s", "evaluate"], repo, env)
+    report = (repo / "data" / "evaluate" / "report.md").read_text()
+    assert "gradient unstructured (no fine-tuning)" in report
+    assert "magnitude 2:4" not in report
     # docs/RESULTS.md's table, made by scripts/results_table.py from the same records
     table = run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--reports",
-                 str(repo / "reports")], ROOT, env)
+                 str(repo / "reports"), "--params", str(repo / "params.yaml")], ROOT, env)
+    assert "magnitude, 2:4" not in table
     header = next(line for line in table.splitlines() if line.startswith("| model |"))
     assert "| test ppl (x dense) | WikiText-2 ppl (x dense) |" in header
     dense = models["dense"]["perplexity_wikitext"]

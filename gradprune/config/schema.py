@@ -613,6 +613,12 @@ class CompareParams:
     zeroshot: bool = False               # also score evaluate.tasks before (and after) fine-tuning
     finetune: bool = False               # also fine-tune and average each row as finetune/average do
 
+    def rows(self) -> dict[str, tuple[str, str]]:
+        """The rows, {"<criterion>-<pattern>": (criterion, pattern)}: their stage names after
+        `compare@` and their records' file names. Records of other rows (an earlier
+        configuration's) may still lie beside them; readers take only these."""
+        return {f"{c}-{p}": (c, p) for c in self.criteria for p in self.patterns}
+
     def check(self) -> None:
         for criterion in self.scopes:
             _require(criterion in CRITERIA, f"compare.scopes.{criterion}",
