@@ -148,6 +148,33 @@ def main() -> None:
           "the average a paired bootstrap over each task's questions); avg ± the half-width of "
           "its 95% interval.")
 
+    # The levers in turn, one line a row: what each bought, as multiples of dense perplexity.
+    if any("reconstructed" in r or "finetuned" in r for r in rows):
+        domains = " / ".join(["test", *(["WikiText-2"] if wikitext else []), *ood])
+
+        def multiples(scored: dict | None) -> str:
+            if scored is None:
+                return "-"
+            return " / ".join(f"{p / d[0]:.2f}x" for (p, _, _), d
+                              in zip(row_perplexities(scored), dense_perplexities))
+
+        def average(scored: dict | None) -> str:
+            return f"{scored['average_acc']:.3f}" if scored and "average_acc" in scored else "-"
+
+        print(f"\nPerplexity as a multiple of dense ({domains}) after each lever in turn; "
+              f"dense: {' / '.join(f'{d[0]:.2f}' for d in dense_perplexities)}, zero-shot "
+              f"average {average(dense)}.\n")
+        print("| row | one-shot | + block reconstruction | + fine-tuning | avg acc (one-shot, "
+              "last) | reconstruction cost | fine-tuning cost | prefill/decode x |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            built, tuned = r.get("reconstructed"), r.get("finetuned")
+            print(f"| {r['criterion']}, {r['pattern']} | {multiples(r)} | {multiples(built)} | "
+                  f"{multiples(tuned)} | {average(r)}, {average(tuned or built or r)} | "
+                  + (f"{built['seconds']:.0f} s" if built else "-") + " | "
+                  + (f"{tuned['tokens']:,} tokens, {tuned['seconds']:.0f} s" if tuned else "-")
+                  + f" | {speedup(r.get('speed'))} |")
+
     print("\n| stage | seconds | peak RSS (GB) |\n| --- | ---: | ---: |")
     total = 0.0
     for stage in STAGES:

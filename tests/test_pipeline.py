@@ -326,6 +326,13 @@ def test_wikitext_is_scored_by_the_papers_protocol_in_evaluate_and_in_compare_ro
     assert (f"{row['wikitext_perplexity']:.2f} [{row['wikitext_perplexity_ci_low']:.2f}, "
             f"{row['wikitext_perplexity_ci_high']:.2f}] "
             f"({row['wikitext_perplexity'] / dense:.2f}x)") in gradient
+    # and the levers in turn: the fine-tuned row as multiples of dense, test / WikiText-2
+    tuned = row["finetuned"]
+    levers = next(line for line in table.splitlines()
+                  if line.startswith("| gradient, unstructured |"))
+    assert (f"| {tuned['test_perplexity'] / models['dense']['perplexity_test']:.2f}x / "
+            f"{tuned['wikitext_perplexity'] / dense:.2f}x |") in levers
+    assert f"{tuned['tokens']:,} tokens" in levers
 
 
 # Last: it moves the repro workspace to another sparsity.
